@@ -1,0 +1,31 @@
+"""Packaging for wgkex: the library, both twistd plugins and the console-free entry points."""
+
+from setuptools import setup
+
+setup(
+    name="wgkex",
+    version="0.1.0",
+    description="WireGuard key exchange for Freifunk community mesh networks (broker and worker)",
+    python_requires=">=3.11",
+    # A flat layout: map the root explicitly so that `pip install -e .` keeps
+    # `twisted/plugins/` importable and twistd finds our plugin file.
+    package_dir={"": "."},
+    packages=[
+        "wgkex",
+        "wgkex.broker",
+        "wgkex.worker",
+        "wgkex.lab",
+        "twisted.plugins",
+    ],
+    package_data={"wgkex.broker": ["templates/*"]},
+    install_requires=[
+        "twisted>=24.3",
+        "klein>=23.12",
+        "paho-mqtt>=2.1,<3",
+        "pyroute2>=0.9",
+        "pyyaml>=6",
+        "treq>=24.9",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={"test": ["hypothesis>=6.100", "mypy>=1.10", "types-PyYAML"]},
+)

@@ -1,0 +1,1 @@
+"""wgkex tests, run with trial."""

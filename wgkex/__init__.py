@@ -1,0 +1,1 @@
+"""wgkex: WireGuard key exchange for Freifunk mesh networks."""

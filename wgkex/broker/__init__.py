@@ -1,0 +1,1 @@
+"""The wgkex broker: HTTP key exchange API and the picture of the workers."""

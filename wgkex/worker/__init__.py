@@ -1,0 +1,1 @@
+"""The wgkex worker: turns keys from MQTT into WireGuard peers, routes and FDB entries."""
