@@ -1,0 +1,116 @@
+"""The command line as an operator meets it: twistd plugins, --config, one-line errors, pip install."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from twisted.trial.unittest import TestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+
+
+def run_twistd(*args: str, env: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, str, str, float]:
+    """Run twistd in a scratch directory; return exit status, stdout, stderr and seconds taken."""
+    start = time.monotonic()
+    scratch = tempfile.mkdtemp(prefix="wgkex-cli-")
+    try:
+        proc = subprocess.run(
+            [TWISTD, "-n", *args],
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
+
+
+class ConfigErrorExitTests(TestCase):
+    def assertOneLineError(self, rc: int, out: str, err: str, *needles: str) -> None:
+        self.assertNotEqual(rc, 0)
+        text = (out + err).strip()
+        self.assertEqual(len(text.splitlines()), 1, text)
+        self.assertNotIn("Traceback", text)
+        for needle in needles:
+            self.assertIn(needle, text)
+
+    def test_missing_config_broker(self) -> None:
+        """twistd -n wgkex-broker --config <missing> exits non-zero within 10 s with one line naming the path."""
+        rc, out, err, took = run_twistd("wgkex-broker", "--config", "/nonexistent/wgkex.yaml")
+        self.assertOneLineError(rc, out, err, "/nonexistent/wgkex.yaml", "not found")
+        self.assertLess(took, 10)
+
+    def test_missing_config_worker_from_env(self) -> None:
+        """The worker takes its path from $WGKEX_CONFIG_FILE when --config is absent."""
+        rc, out, err, _ = run_twistd("wgkex-worker", env={"WGKEX_CONFIG_FILE": "/nonexistent/env.yaml"})
+        self.assertOneLineError(rc, out, err, "/nonexistent/env.yaml")
+
+    def test_bad_value_names_key(self) -> None:
+        """A wrong value stops twistd with one line naming the file and the dotted key."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("domains: [ffmuc_welt]\ndomain_prefixes: [ffmuc_]\nmqtt:\n  broker_port: many\n")
+        rc, out, err, _ = run_twistd("wgkex-broker", "--config", path)
+        self.assertOneLineError(rc, out, err, path, "mqtt.broker_port", "must be an integer")
+
+    def test_yaml_syntax_error(self) -> None:
+        """A YAML syntax error stops twistd with one line giving the position."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("domains: [ffmuc_welt\n")
+        rc, out, err, _ = run_twistd("wgkex-worker", "--config", path)
+        self.assertOneLineError(rc, out, err, path, "YAML syntax error")
+
+
+class PluginTests(TestCase):
+    def test_help_lists_plugins(self) -> None:
+        """twistd --help in the development venv lists both plugins; the broker's help shows --config."""
+        out = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, timeout=30).stdout
+        self.assertIn("wgkex-broker", out)
+        self.assertIn("wgkex-worker", out)
+        sub = subprocess.run([TWISTD, "wgkex-broker", "--help"], capture_output=True, text=True, timeout=30).stdout
+        self.assertIn("--config", sub)
+
+    def test_plugin_module_is_import_light(self) -> None:
+        """Importing the plugin file pulls in neither klein nor a reactor."""
+        code = (
+            "import sys, twisted.plugins.wgkex_plugins;"
+            "bad=[m for m in ('klein','prometheus_client','twisted.internet.reactor','wgkex.broker.api') if m in sys.modules];"
+            "print(bad)"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd="/")
+        self.assertEqual(out.stdout.strip(), "[]", out.stderr)
+
+
+class PackagingTests(TestCase):
+    timeout = 300
+
+    def test_pip_install_into_fresh_venv(self) -> None:
+        """After a plain `pip install .` into a fresh venv, twistd --help lists both plugins."""
+        venv = tempfile.mkdtemp(prefix="wgkex-pkg-")
+        self.addCleanup(shutil.rmtree, venv, True)
+        build = tempfile.mkdtemp(prefix="wgkex-src-")
+        self.addCleanup(shutil.rmtree, build, True)
+        # Install from a copy without build leftovers, as a fresh clone would be.
+        src = os.path.join(build, "src")
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "_trial_temp*", "*.egg-info", "build", "__pycache__", "dropin.cache"))
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+        pip = subprocess.run(
+            [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check", src],
+            capture_output=True, text=True, timeout=280,
+        )
+        self.assertEqual(pip.returncode, 0, pip.stderr[-2000:])
+        out = subprocess.run(
+            [os.path.join(venv, "bin", "twistd"), "--help"], capture_output=True, text=True, timeout=60, cwd="/"
+        ).stdout
+        self.assertIn("wgkex-broker", out)
+        self.assertIn("wgkex-worker", out)

@@ -1,0 +1,241 @@
+"""Configuration parsing: the original file format loads unchanged and every bad file gets one clear line."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from wgkex.config import (
+    DEFAULT_PATH,
+    ConfigError,
+    config_path,
+    load_config,
+    parse_config,
+)
+
+ORIGINAL = textwrap.dedent(
+    """\
+    # wgkex.yaml.example as shipped by the original implementation
+    domains:
+      - ffmuc_muc_cty
+      - ffmuc_muc_nord
+      - ffmuc_welt
+      - ffdon_mitte
+    domain_prefixes:
+      - ffmuc_
+      - ffdon_
+      - ffwert_
+    workers:
+      gw04.in.ffmuc.net:
+        weight: 30
+      gw05.in.ffmuc.net:
+        weight: 20
+    externalName: gw04.ext.ffmuc.net
+    mqtt:
+      broker_url: broker.hivemq.com
+      broker_port: 1883
+      username: user
+      password: SECRET
+      keepalive: 5
+      tls: False
+    broker_listen:
+      host: 0.0.0.0
+      port: 5000
+    logging_config:
+      formatters:
+        standard:
+          format: '%(asctime)s %(name)s %(levelname)s %(message)s'
+      handlers:
+        console:
+          class: logging.StreamHandler
+          formatter: standard
+      root:
+        handlers:
+          - console
+        level: DEBUG
+      version: 1
+    """
+)
+
+MINIMAL = {"domains": ["ffmuc_welt"], "domain_prefixes": ["ffmuc_"]}
+
+
+class OriginalFormatTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        FilePath(self.path).setContent(ORIGINAL.encode())
+
+    def test_loads_unchanged(self) -> None:
+        """A file in the original format loads with every value where the original put it."""
+        c = load_config(self.path, hostname=lambda: "gw04")
+        self.assertEqual(c.domains, ("ffmuc_muc_cty", "ffmuc_muc_nord", "ffmuc_welt", "ffdon_mitte"))
+        self.assertEqual(dict(c.workers), {"gw04.in.ffmuc.net": 30, "gw05.in.ffmuc.net": 20})
+        self.assertEqual(c.worker.external_name, "gw04.ext.ffmuc.net")
+        self.assertEqual(c.mqtt.broker_url, "broker.hivemq.com")
+        self.assertEqual((c.mqtt.broker_port, c.mqtt.keepalive, c.mqtt.tls), (1883, 5, False))
+        self.assertEqual((c.mqtt.username, c.mqtt.password), ("user", "SECRET"))
+        self.assertEqual(c.broker.listen, "tcp:5000:interface=0.0.0.0")
+        self.assertEqual(c.logging_config["root"]["level"], "DEBUG")  # type: ignore[index]
+
+    def test_interfaces(self) -> None:
+        """The first matching prefix is stripped to name wg-/vx- interfaces."""
+        c = load_config(self.path)
+        self.assertEqual(c.wg_interface("ffmuc_muc_cty"), "wg-muc_cty")
+        self.assertEqual(c.vx_interface("ffdon_mitte"), "vx-mitte")
+
+    def test_defaults(self) -> None:
+        """New settings take their documented defaults, names come from the host name."""
+        c = load_config(self.path, hostname=lambda: "gw09")
+        self.assertEqual(c.worker.name, "gw09")
+        self.assertEqual(c.worker.listen, "tcp:9101:interface=127.0.0.1")
+        self.assertTrue(c.worker.connectivity_check)
+        self.assertEqual(c.worker.wireguard_backend, "auto")
+        self.assertEqual((c.worker.cleanup_interval, c.worker.peer_timeout, c.worker.metrics_interval), (3600, 10800, 60))
+        self.assertEqual((c.broker.max_body_size, c.broker.rate_limit, c.broker.rate_burst), (4096, 10, 200))
+        self.assertEqual((c.mqtt.queue_limit, c.mqtt.reconnect_max_delay), (10_000, 30))
+        self.assertEqual(c.weight("unknown-worker"), 1)
+        self.assertEqual(c.log_level, "info")
+
+    def test_example_file_loads(self) -> None:
+        """The shipped wgkex.yaml.example is a valid configuration."""
+        example = os.path.join(os.path.dirname(__file__), "..", "..", "wgkex.yaml.example")
+        c = load_config(example)
+        self.assertTrue(c.domains)
+
+
+class ListenTests(SynchronousTestCase):
+    def parse(self, value: object) -> str:
+        return parse_config({**MINIMAL, "broker_listen": value}).broker.listen
+
+    def test_default(self) -> None:
+        """Without broker_listen the broker listens on 127.0.0.1:5000."""
+        self.assertEqual(parse_config(MINIMAL).broker.listen, "tcp:5000:interface=127.0.0.1")
+
+    def test_ipv6_literal(self) -> None:
+        """An IPv6 host is escaped for Twisted's endpoint syntax."""
+        self.assertEqual(self.parse({"host": "::1", "port": 8080}), "tcp:8080:interface=\\:\\:1")
+        self.assertEqual(self.parse("[::]:443"), "tcp:443:interface=\\:\\:")
+
+    def test_endpoint_string(self) -> None:
+        """An endpoint description (e.g. TLS) is taken as it is."""
+        ep = "ssl:443:privateKey=/etc/k.pem:certKey=/etc/c.pem"
+        self.assertEqual(self.parse(ep), ep)
+
+    def test_worker_listen_off(self) -> None:
+        """worker_listen can be switched off."""
+        self.assertIsNone(parse_config({**MINIMAL, "worker_listen": None}).worker.listen)
+        self.assertIsNone(parse_config({**MINIMAL, "worker_listen": "off"}).worker.listen)
+
+
+class ErrorTests(SynchronousTestCase):
+    def error(self, data: object) -> str:
+        exc = self.assertRaises(ConfigError, parse_config, data, "/etc/wgkex.yaml")
+        text = str(exc)
+        self.assertNotIn("\n", text)
+        self.assertTrue(text.startswith("/etc/wgkex.yaml: "), text)
+        return text
+
+    def file_error(self, content: bytes | None, mode: int | None = None) -> str:
+        path = self.mktemp()
+        if content is not None:
+            FilePath(path).setContent(content)
+        if mode is not None:
+            os.chmod(path, mode)
+        exc = self.assertRaises(ConfigError, load_config, path)
+        text = str(exc)
+        self.assertNotIn("\n", text)
+        self.assertIn(path, text)
+        return text
+
+    def test_missing_file(self) -> None:
+        """A missing file is named and the way to give another is said."""
+        self.assertIn("not found", self.file_error(None))
+
+    def test_unreadable_file(self) -> None:
+        """An unreadable file (or a directory) is reported as such."""
+        if os.geteuid() == 0:
+            # root reads anything; a directory exercises the same branch family
+            path = self.mktemp()
+            os.mkdir(path)
+            self.assertIn("directory", str(self.assertRaises(ConfigError, load_config, path)))
+        else:  # pragma: no cover - CI runs as root
+            self.assertIn("not readable", self.file_error(b"domains: []", 0))
+
+    def test_yaml_syntax(self) -> None:
+        """A YAML syntax error names the line."""
+        text = self.file_error(b"domains: [ffmuc_welt\nmqtt: {\n")
+        self.assertIn("YAML syntax error at line", text)
+
+    def test_not_utf8(self) -> None:
+        """Binary garbage is refused as not UTF-8."""
+        self.assertIn("UTF-8", self.file_error(b"\xff\xfe\x00garbage"))
+
+    def test_top_level_not_mapping(self) -> None:
+        """A list at the top level is refused."""
+        self.assertIn("mapping", self.error(["a"]))
+
+    def test_wrong_types(self) -> None:
+        """Wrong types name the dotted key."""
+        self.assertIn("mqtt.broker_port: must be an integer", self.error({**MINIMAL, "mqtt": {"broker_port": "abc"}}))
+        self.assertIn("mqtt.tls: must be true or false", self.error({**MINIMAL, "mqtt": {"tls": "maybe"}}))
+        self.assertIn("domains: must be a list", self.error({**MINIMAL, "domains": {"a": 1}}))
+        self.assertIn("mqtt: must be a mapping", self.error({**MINIMAL, "mqtt": "localhost"}))
+        self.assertIn("workers.gw1.weight: must be an integer", self.error({**MINIMAL, "workers": {"gw1": {"weight": "x"}}}))
+        self.assertIn("mqtt.keepalive", self.error({**MINIMAL, "mqtt": {"keepalive": [1]}}))
+
+    def test_bad_port(self) -> None:
+        """Ports outside 1..65535 are refused, in mqtt and in broker_listen."""
+        self.assertIn("mqtt.broker_port: must be an integer in 1..65535, got 70000",
+                      self.error({**MINIMAL, "mqtt": {"broker_port": 70000}}))
+        self.assertIn("broker_listen.port", self.error({**MINIMAL, "broker_listen": {"port": 0}}))
+        self.assertIn("broker_listen", self.error({**MINIMAL, "broker_listen": "localhost:http"}))
+
+    def test_unknown_prefix(self) -> None:
+        """A domain with no configured prefix is named."""
+        text = self.error({"domains": ["ffmuc_welt", "ffhh_nord"], "domain_prefixes": ["ffmuc_"]})
+        self.assertIn("domains: domain 'ffhh_nord' starts with none of domain_prefixes", text)
+
+    def test_duplicate_stripped_names(self) -> None:
+        """Two domains stripping to the same name are refused, both named."""
+        text = self.error({"domains": ["ffmuc_welt", "ffdon_welt"], "domain_prefixes": ["ffmuc_", "ffdon_"]})
+        self.assertIn("'ffmuc_welt' and 'ffdon_welt' both strip to 'welt'", text)
+
+    def test_interface_name_too_long(self) -> None:
+        """An interface name over 15 bytes is refused."""
+        text = self.error({"domains": ["ffmuc_muenchen_sued"], "domain_prefixes": ["ffmuc_"]})
+        self.assertIn("'wg-muenchen_sued'", text)
+        self.assertIn("longer than 15 bytes", text)
+
+    def test_missing_domains(self) -> None:
+        """At least one domain and prefix are required."""
+        self.assertIn("domains: must list at least one domain", self.error({"domain_prefixes": ["ffmuc_"]}))
+        self.assertIn("domain_prefixes", self.error({"domains": ["ffmuc_welt"]}))
+
+    def test_bad_choice(self) -> None:
+        """Enumerated settings list their choices."""
+        self.assertIn("wireguard_backend: must be one of auto, kernel, uapi",
+                      self.error({**MINIMAL, "wireguard_backend": "magic"}))
+        self.assertIn("log_level: must be one of", self.error({**MINIMAL, "log_level": "loud"}))
+
+    def test_bad_keep_key(self) -> None:
+        """An invalid key in keep_keys is refused with the reason."""
+        self.assertIn("keep_keys: 'abc'", self.error({**MINIMAL, "keep_keys": ["abc"]}))
+
+    def test_bad_trusted_proxy(self) -> None:
+        """trusted_proxies entries must be addresses or networks."""
+        self.assertIn("broker.trusted_proxies", self.error({**MINIMAL, "broker": {"trusted_proxies": ["x"]}}))
+
+    def test_missing_ca_file(self) -> None:
+        """A TLS CA file that does not exist is refused at start."""
+        self.assertIn("mqtt.ca_file", self.error({**MINIMAL, "mqtt": {"tls": True, "ca_file": "/nonexistent/ca.pem"}}))
+
+
+class PathTests(SynchronousTestCase):
+    def test_order(self) -> None:
+        """--config wins over $WGKEX_CONFIG_FILE, which wins over /etc/wgkex.yaml."""
+        self.assertEqual(config_path("/a.yaml", {"WGKEX_CONFIG_FILE": "/b.yaml"}), "/a.yaml")
+        self.assertEqual(config_path(None, {"WGKEX_CONFIG_FILE": "/b.yaml"}), "/b.yaml")
+        self.assertEqual(config_path(None, {}), DEFAULT_PATH)

@@ -1,0 +1,62 @@
+"""log_level and the stdlib bridge: what an operator sees in the log."""
+
+from __future__ import annotations
+
+import logging
+
+from twisted.logger import LogEvent, Logger, LogLevel, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from wgkex.logs import LoggingService
+
+
+class LoggingServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events: list[LogEvent] = []
+        self.publisher = LogPublisher(self.events.append)
+        self.root = logging.getLogger()
+        self.old_level = self.root.level
+        self.addCleanup(self.root.setLevel, self.old_level)
+
+    def start(self, level: str, logging_config: dict | None = None) -> LoggingService:  # type: ignore[type-arg]
+        service = LoggingService(level, logging_config, self.publisher)
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        return service
+
+    def test_level_filters_twisted_events(self) -> None:
+        """With log_level warn, info events are dropped and warnings pass."""
+        self.start("warn")
+        log = Logger(namespace="wgkex.test", observer=self.publisher)
+        log.info("quiet")
+        log.warn("loud")
+        self.assertEqual([e["log_format"] for e in self.events], ["loud"])
+
+    def test_stop_restores_observers(self) -> None:
+        """After stop, events reach the original observers unfiltered again."""
+        service = self.start("error")
+        service.stopService()
+        Logger(observer=self.publisher).info("again")
+        self.assertEqual([e["log_format"] for e in self.events], ["again"])
+
+    def test_stdlib_bridged(self) -> None:
+        """A library's stdlib warning arrives as a Twisted event with its logger name and text."""
+        self.start("info")
+        logging.getLogger("pyroute2.test").warning("netlink %s", "trouble")
+        found = [e for e in self.events if e.get("message") == "netlink trouble"]
+        self.assertEqual(len(found), 1)
+        self.assertEqual(found[0]["log_namespace"], "pyroute2.test")
+        self.assertEqual(found[0]["log_level"], LogLevel.warn)
+
+    def test_stdlib_level(self) -> None:
+        """log_level also applies to stdlib loggers: debug records are dropped at info."""
+        self.start("info")
+        logging.getLogger("paho.test").debug("chatter")
+        self.assertFalse([e for e in self.events if e.get("message") == "chatter"])
+
+    def test_bad_logging_config_is_reported(self) -> None:
+        """A logging_config dictConfig refuses is logged as an error naming the key, not raised."""
+        self.start("info", {"version": 1, "handlers": {"x": {"class": "no.such.Handler"}}})
+        errors = [e for e in self.events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("logging_config", errors[0]["log_format"])

@@ -1,0 +1,162 @@
+"""Logging for both roles: twisted.logger for wgkex, stdlib logging bridged into it.
+
+wgkex logs through :class:`twisted.logger.Logger`; twistd decides where lines
+go (stdout under ``-n``, which systemd hands to the journal, or ``--logfile``).
+Libraries that log through the standard library (paho-mqtt, pyroute2) are
+bridged into the same stream, unless the configuration's ``logging_config``
+(the original implementation's key, a :func:`logging.config.dictConfig`
+mapping) says where their lines go instead.
+
+``log_level`` filters both: stdlib records below it are dropped at the root
+logger, and Twisted events below it are dropped by a filter placed in front of
+the observers twistd installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    LogLevelFilterPredicate,
+    LogPublisher,
+    Logger,
+    globalLogPublisher,
+)
+from zope.interface import implementer
+
+_TWISTED_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+_STDLIB_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def twisted_level(record_level: int) -> LogLevel:
+    """The Twisted log level matching a stdlib record level."""
+    if record_level >= logging.CRITICAL:
+        return LogLevel.critical
+    if record_level >= logging.ERROR:
+        return LogLevel.error
+    if record_level >= logging.WARNING:
+        return LogLevel.warn
+    if record_level >= logging.INFO:
+        return LogLevel.info
+    return LogLevel.debug
+
+
+class StdlibToTwisted(logging.Handler):
+    """A stdlib logging handler that re-emits records as Twisted log events."""
+
+    def __init__(self, publisher: ILogObserver | None = None) -> None:
+        super().__init__()
+        self._publisher = publisher
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format string must not kill the caller
+            message = f"{record.msg!r} {record.args!r}"
+        log = Logger(namespace=record.name, observer=self._publisher)
+        log.emit(twisted_level(record.levelno), "{message}", message=message)
+
+
+@implementer(ILogObserver)
+class _LevelGate:
+    """Forwards events at or above a level to the observers it took over."""
+
+    def __init__(self, observers: list[ILogObserver], level: LogLevel) -> None:
+        self._inner = LogPublisher(*observers)
+        self._filtered = FilteringLogObserver(self._inner, [LogLevelFilterPredicate(defaultLogLevel=level)])
+
+    def __call__(self, event: LogEvent) -> None:
+        self._filtered(event)
+
+
+class LoggingService(Service):
+    """Applies ``log_level`` and ``logging_config`` when the process starts.
+
+    Built in ``makeService`` from the parsed configuration; does its work in
+    :meth:`startService`, after twistd has set up its own log observers.
+    """
+
+    name = "logging"
+
+    def __init__(
+        self,
+        level: str,
+        logging_config: Mapping[str, Any] | None,
+        publisher: LogPublisher = globalLogPublisher,
+    ) -> None:
+        self.level = level
+        self.logging_config = logging_config
+        self._publisher = publisher
+        self._bridge: StdlibToTwisted | None = None
+        self._gate: _LevelGate | None = None
+        self._taken: list[ILogObserver] = []
+        self._log = Logger(observer=publisher)
+
+    def startService(self) -> None:
+        super().startService()
+        self._gate_twisted_events()
+        root = logging.getLogger()
+        if self.logging_config:
+            try:
+                logging.config.dictConfig(dict(self.logging_config))
+            except (ValueError, TypeError, AttributeError, ImportError) as exc:
+                self._log.error(
+                    "logging_config could not be applied ({error}); library logs go to the wgkex log instead",
+                    error=exc,
+                )
+            else:
+                return
+        self._bridge = StdlibToTwisted(self._publisher)
+        root.addHandler(self._bridge)
+        root.setLevel(_STDLIB_LEVELS[self.level])
+
+    def stopService(self) -> None:
+        if self._bridge is not None:
+            logging.getLogger().removeHandler(self._bridge)
+            self._bridge = None
+        if self._gate is not None:
+            self._publisher.removeObserver(self._gate)
+            for observer in self._taken:
+                self._publisher.addObserver(observer)
+            self._gate = None
+            self._taken = []
+        super().stopService()
+
+    def _gate_twisted_events(self) -> None:
+        """Put a level filter in front of the observers twistd installed.
+
+        twistd creates its observer (stdout, --logfile or --syslog) after
+        ``makeService`` and offers no hook to wrap it, so the observers are
+        taken off the publisher here and re-added behind the filter. Debug is
+        the default of the observers themselves, so nothing is done for it.
+        """
+        if self.level == "debug":
+            return
+        observers = list(getattr(self._publisher, "_observers", ()))
+        if not observers:
+            return
+        for observer in observers:
+            self._publisher.removeObserver(observer)
+        self._taken = observers
+        self._gate = _LevelGate(observers, _TWISTED_LEVELS[self.level])
+        self._publisher.addObserver(self._gate)
