@@ -27,5 +27,5 @@ setup(
         "treq>=24.9",
         "prometheus-client>=0.20",
     ],
-    extras_require={"test": ["hypothesis>=6.100", "mypy>=1.10", "types-PyYAML"]},
+    extras_require={"test": ["hypothesis>=6.100", "mypy>=1.10", "mypy-zope>=1.0", "types-PyYAML"]},
 )

@@ -299,10 +299,10 @@ def _listen(reader: _Reader, name: str, default_host: str, default_port: int) ->
             raise reader.fail(name, f"host {exc}") from None
     if isinstance(value, Mapping):
         sub = reader.section(name)
-        host = sub.string("host", default_host)
-        port = sub.integer("port", default_port, 1, 65535)
+        listen_host = sub.string("host", default_host)
+        listen_port = sub.integer("port", default_port, 1, 65535)
         try:
-            return _endpoint(host, port)
+            return _endpoint(listen_host, listen_port)
         except ValueError as exc:
             raise sub.fail("host", str(exc)) from None
     raise reader.fail(name, f"must be a mapping {{host, port}} or an endpoint string, got {_describe(value)}")

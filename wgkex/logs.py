@@ -32,7 +32,7 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-_TWISTED_LEVELS = {
+_TWISTED_LEVELS: dict[str, LogLevel] = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
     "warn": LogLevel.warn,
@@ -48,17 +48,21 @@ _STDLIB_LEVELS = {
 }
 
 
+_THRESHOLDS: tuple[tuple[int, LogLevel], ...] = (
+    (logging.CRITICAL, LogLevel.critical),
+    (logging.ERROR, LogLevel.error),
+    (logging.WARNING, LogLevel.warn),
+    (logging.INFO, LogLevel.info),
+)
+
+
 def twisted_level(record_level: int) -> LogLevel:
     """The Twisted log level matching a stdlib record level."""
-    if record_level >= logging.CRITICAL:
-        return LogLevel.critical
-    if record_level >= logging.ERROR:
-        return LogLevel.error
-    if record_level >= logging.WARNING:
-        return LogLevel.warn
-    if record_level >= logging.INFO:
-        return LogLevel.info
-    return LogLevel.debug
+    for threshold, level in _THRESHOLDS:
+        if record_level >= threshold:
+            return level
+    debug: LogLevel = LogLevel.debug
+    return debug
 
 
 class StdlibToTwisted(logging.Handler):
