@@ -1,0 +1,206 @@
+"""The worker's two small HTTP faces, on twisted.web.
+
+* **Connectivity check** (:class:`ConnectivityCheck`): Gluon routers decide
+  that their uplink works with ``GET http://[LinkAddress%wg-iface]/``. The
+  worker answers 200 itself on ``[LinkAddress%wg-<D>]:connectivity_check_port``
+  for every domain. The address is only known once read from the interface,
+  and a link-local address needs its scope (the interface index), which
+  ``listenTCP`` cannot express; so the socket is bound here with the full
+  ``(address, port, 0, ifindex)`` and handed to the reactor with
+  ``adoptStreamPort``. The service calls :meth:`ConnectivityCheck.sync` after
+  every interface check: it binds when the address appears, re-binds when the
+  interface is recreated (new index) and retries a failed bind on the next
+  check.
+* **Status** (:func:`status_site`): ``/metrics`` (Prometheus text) and
+  ``/healthz`` on ``worker_listen``.
+
+Neither site logs requests: thousands of routers check every minute.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IReactorSocket
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.http import Request as HTTPRequest
+from twisted.web.server import Request, Site
+
+from wgkex.worker.metrics import WorkerMetrics
+from wgkex.worker.watch import InterfaceState
+
+#: ``IP_FREEBIND`` (Linux): bind before duplicate address detection has finished.
+_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+
+
+class QuietSite(Site):
+    """A Site that does not write an access log line per request."""
+
+    def log(self, request: HTTPRequest) -> None:
+        pass
+
+
+class _Ok(Resource):
+    """200 for any path: all a router wants to know is that the gateway answers."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"OK\n"
+
+    def render_POST(self, request: Request) -> bytes:
+        return self.render_GET(request)
+
+
+def connectivity_site() -> Site:
+    """The site that answers the routers' connectivity check."""
+    return QuietSite(_Ok())
+
+
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self._metrics.render()
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def __init__(self, details: Callable[[], Mapping[str, object]]) -> None:
+        super().__init__()
+        self._details = details
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"status": "ok", **self._details()}).encode()
+
+
+def status_site(metrics: WorkerMetrics, details: Callable[[], Mapping[str, object]]) -> Site:
+    """``/metrics`` and ``/healthz`` (200 while the process serves, with a few details)."""
+    root = Resource()
+    root.putChild(b"metrics", _Metrics(metrics))
+    root.putChild(b"healthz", _Health(details))
+    return QuietSite(root)
+
+
+def listen_link_local(
+    reactor: IReactorSocket, address: str, ifindex: int, port: int, factory: ServerFactory[Any], backlog: int = 1024
+) -> IListeningPort:
+    """Listen on ``[address%ifindex]:port`` (a scoped, e.g. link-local, IPv6 address)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+        except OSError:
+            pass
+        sock.bind((address, port, 0, ifindex))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), socket.AF_INET6, factory)
+    finally:
+        # adoptStreamPort duplicated the descriptor.
+        sock.close()
+
+
+Listen = Callable[[str, int, int, Site], IListeningPort]
+
+
+class ConnectivityCheck:
+    """One listener per domain on its ``wg-<D>`` link-local address."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorSocket,
+        port: int,
+        interfaces: Mapping[str, str],
+        listen: Listen | None = None,
+    ) -> None:
+        self._port = port
+        self._interfaces = dict(interfaces)
+        self._site = connectivity_site()
+        self._listen: Listen = listen or (
+            lambda address, ifindex, port, factory: listen_link_local(reactor, address, ifindex, port, factory)
+        )
+        #: domain -> ((ifindex, address), listening port or None while re-binding)
+        self._bound: dict[str, tuple[tuple[int, str], IListeningPort | None]] = {}
+        self._last_error: dict[str, str] = {}
+        self._states: dict[str, InterfaceState] = {}
+        self._stopped = False
+
+    def bound(self, domain: str) -> tuple[int, str] | None:
+        """``(ifindex, address)`` the check of ``domain`` listens on, or None."""
+        entry = self._bound.get(domain)
+        return entry[0] if entry is not None and entry[1] is not None else None
+
+    def sync(self, states: Mapping[str, InterfaceState]) -> None:
+        """Listen where each domain's interface state says; idempotent, called after every check."""
+        if self._stopped:
+            return
+        self._states = dict(states)
+        for domain, state in states.items():
+            target = None
+            if state.wg_index is not None and state.link_address is not None:
+                target = (state.wg_index, state.link_address)
+            entry = self._bound.get(domain)
+            if entry is None:
+                if target is not None:
+                    self._bind(domain, target)
+                continue
+            current, port = entry
+            if current == target or port is None:  # unchanged, or a re-bind is under way
+                continue
+            self._bound[domain] = (current, None)
+            maybeDeferred(port.stopListening).addBoth(self._stopped_listening, domain)
+
+    def _stopped_listening(self, _: object, domain: str) -> None:
+        self._bound.pop(domain, None)
+        self.sync(self._states)
+
+    def _bind(self, domain: str, target: tuple[int, str]) -> None:
+        ifindex, address = target
+        wg = self._interfaces[domain]
+        try:
+            port = self._listen(address, ifindex, self._port, self._site)
+        except OSError as exc:
+            message = f"{exc.strerror or exc}"
+            if self._last_error.get(domain) != message:
+                self._last_error[domain] = message
+                self.log.warn(
+                    "Connectivity check cannot listen on [{address}%{wg}]:{port}: {error}; retrying",
+                    address=address,
+                    wg=wg,
+                    port=self._port,
+                    error=message,
+                )
+            return
+        self._last_error.pop(domain, None)
+        self._bound[domain] = (target, port)
+        self.log.info(
+            "Connectivity check listening on [{address}%{wg}]:{port}", address=address, wg=wg, port=self._port
+        )
+
+    def stop(self) -> Deferred[None]:
+        """Close every listener."""
+        self._stopped = True
+        ports = [entry[1] for entry in self._bound.values() if entry[1] is not None]
+        self._bound.clear()
+        return DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True).addCallback(
+            lambda _: None
+        )

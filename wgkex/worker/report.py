@@ -1,0 +1,231 @@
+"""What the worker tells the broker: status, per-domain data and connected-peer counts.
+
+Topics and payloads (CONTRACT.md, "MQTT"), all QoS 1 and retained:
+
+* ``wireguard-worker/{worker}/status``: ``1`` on every (re)connect, ``0`` on
+  shutdown (and as the last will, set up by the service builder);
+* ``wireguard-worker/{worker}/{domain}/data``: JSON ``{"ExternalAddress",
+  "Port", "PublicKey", "LinkAddress"}`` on every (re)connect, read in the pool
+  from ``wg-<D>`` (``WireGuard.interface`` and ``Rtnl.link_local_address``); a
+  domain whose interface is missing is logged and published on a later tick;
+* ``wireguard-metrics/{domain}/{worker}/connected_peers``: peers with a
+  handshake within 180 s, right after each (re)connect and every
+  ``metrics_interval``; counted in the pool (a 100,000-peer dump never touches
+  the reactor); ``-1`` on shutdown, and while the interface is missing (the
+  worker cannot take routers for that domain then).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from wgkex.config import Config
+from wgkex.worker.backend import InterfaceMissing
+from wgkex.worker.bus import Bus
+from wgkex.worker.metrics import WorkerMetrics
+from wgkex.worker.pool import Backends, Pool
+
+#: A peer counts as connected with a handshake at most this many seconds old.
+CONNECTED_WINDOW = 180.0
+
+
+@dataclass(frozen=True)
+class DomainData:
+    """What routers need to reach this worker on one domain."""
+
+    public_key: str
+    listen_port: int
+    link_address: str
+
+
+@dataclass(frozen=True)
+class PeerCount:
+    """Peers of one interface: all of them and those connected."""
+
+    total: int
+    connected: int
+
+
+def status_topic(worker: str) -> str:
+    return f"wireguard-worker/{worker}/status"
+
+
+def data_topic(worker: str, domain: str) -> str:
+    return f"wireguard-worker/{worker}/{domain}/data"
+
+
+def metric_topic(worker: str, domain: str) -> str:
+    return f"wireguard-metrics/{domain}/{worker}/connected_peers"
+
+
+def data_payload(external_address: str, data: DomainData) -> bytes:
+    """The retained data message of one domain, exactly as the broker (and the original) reads it."""
+    return json.dumps(
+        {
+            "ExternalAddress": external_address,
+            "Port": data.listen_port,
+            "PublicKey": data.public_key,
+            "LinkAddress": data.link_address,
+        }
+    ).encode("ascii")
+
+
+def read_domain_data(backends: Backends, interfaces: Mapping[str, str]) -> dict[str, DomainData | str]:
+    """Pool thread: per domain its :class:`DomainData`, or a text saying why it is unavailable."""
+    result: dict[str, DomainData | str] = {}
+    for domain, wg in interfaces.items():
+        try:
+            info = backends.wireguard.interface(wg)
+            address = backends.rtnl.link_local_address(wg)
+        except InterfaceMissing:
+            result[domain] = f"interface {wg} does not exist"
+            continue
+        except Exception as exc:
+            result[domain] = f"reading {wg} failed: {type(exc).__name__}: {exc}"
+            continue
+        if address is None:
+            result[domain] = f"interface {wg} has no link-local (fe80::/10) address"
+            continue
+        result[domain] = DomainData(info.public_key, info.listen_port, address)
+    return result
+
+
+def count_peers(
+    backends: Backends, interfaces: Mapping[str, str], now: float, window: float = CONNECTED_WINDOW
+) -> dict[str, PeerCount | str]:
+    """Pool thread: per domain how many peers there are and how many shook hands within ``window``."""
+    result: dict[str, PeerCount | str] = {}
+    for domain, wg in interfaces.items():
+        try:
+            peers = backends.wireguard.peers(wg)
+        except InterfaceMissing:
+            result[domain] = f"interface {wg} does not exist"
+            continue
+        except Exception as exc:
+            result[domain] = f"reading the peers of {wg} failed: {type(exc).__name__}: {exc}"
+            continue
+        connected = sum(
+            1 for p in peers if p.last_handshake is not None and now - p.last_handshake <= window
+        )
+        result[domain] = PeerCount(total=len(peers), connected=connected)
+    return result
+
+
+class Reporter:
+    """Publishes status, data and peer counts; ``goodbye`` publishes -1 and status 0."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, bus: Bus, pool: Pool, metrics: WorkerMetrics, clock: IReactorTime) -> None:
+        self._worker = config.worker.name
+        self._external = config.worker.external_name
+        self._domains = config.domains
+        self._interfaces = {d: config.wg_interface(d) for d in config.domains}
+        self._bus = bus
+        self._pool = pool
+        self._metrics = metrics
+        self._clock = clock
+        self._counting: Deferred[None] | None = None
+        #: Domains whose data could not be published yet (retried with each count).
+        self._data_missing: set[str] = set(config.domains)
+        self._last_problem: dict[str, str] = {}
+        #: The data last published per domain.
+        self.published_data: dict[str, DomainData] = {}
+        self.last_counts: dict[str, PeerCount | str] = {}
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def _publish(self, topic: str, payload: bytes | str) -> None:
+        try:
+            d = self._bus.publish(topic, payload, qos=1, retain=True)
+        except Exception as exc:  # QueueFull while disconnected: the next connect publishes afresh
+            self.log.warn("Cannot publish {topic}: {error}", topic=topic, error=exc)
+            return
+        d.addErrback(lambda f: self.log.warn("Publishing {topic} failed: {error}", topic=topic, error=f.value))
+
+    def on_connect(self) -> Deferred[None]:
+        """After every (re)connect: status 1, then the data of every domain, then the counts."""
+        self._publish(status_topic(self._worker), b"1")
+        d = self.publish_data(self._domains)
+        d.addBoth(lambda _: self.publish_counts())
+        return d
+
+    def publish_data(self, domains: Iterable[str]) -> Deferred[None]:
+        """Read the interfaces of ``domains`` in the pool and publish their data."""
+        wanted = {d: self._interfaces[d] for d in domains}
+        if not wanted:
+            return succeed(None)
+        d: Deferred[None] = self._pool.run(read_domain_data, wanted).addCallback(self._got_data)
+        d.addErrback(self._log_failure, "reading interface data")
+        return d
+
+    def _got_data(self, results: Mapping[str, DomainData | str]) -> None:
+        for domain, data in results.items():
+            if isinstance(data, str):
+                self._data_missing.add(domain)
+                # Log a problem once, not with every retry.
+                if self._last_problem.get(domain) != data:
+                    self._last_problem[domain] = data
+                    self.log.warn(
+                        "No data published for domain {domain} yet: {problem}; retrying with each metrics tick",
+                        domain=domain,
+                        problem=data,
+                    )
+                continue
+            if domain in self._last_problem:
+                del self._last_problem[domain]
+                self.log.info("Domain {domain} is available again", domain=domain)
+            self._data_missing.discard(domain)
+            if self._bus.connected:
+                self._publish(data_topic(self._worker, domain), data_payload(self._external, data))
+                self.published_data[domain] = data
+
+    def publish_counts(self) -> Deferred[None]:
+        """Count connected peers in the pool, update the gauges, publish when connected."""
+        if self._counting is not None:
+            return self._counting
+        counted = self._pool.run(count_peers, dict(self._interfaces), self._clock.seconds())
+        d: Deferred[None] = counted.addCallback(self._got_counts)
+        d.addErrback(self._log_failure, "counting peers")
+        self._counting = d
+
+        def done(_: object) -> None:
+            self._counting = None
+
+        d.addBoth(done)
+        if d.called:
+            self._counting = None
+        return d
+
+    def _got_counts(self, counts: Mapping[str, PeerCount | str]) -> Deferred[None] | None:
+        self.last_counts = dict(counts)
+        for domain, count in counts.items():
+            if isinstance(count, str):
+                self._metrics.connected_peers.labels(domain=domain).set(-1)
+                value = -1
+            else:
+                self._metrics.connected_peers.labels(domain=domain).set(count.connected)
+                self._metrics.peers.labels(domain=domain).set(count.total)
+                value = count.connected
+            if self._bus.connected:
+                self._publish(metric_topic(self._worker, domain), str(value).encode("ascii"))
+        missing = sorted(self._data_missing)
+        if missing and self._bus.connected:
+            return self.publish_data(missing)
+        return None
+
+    def _log_failure(self, failure: Failure, what: str) -> None:
+        self.log.failure("{what} failed", failure, what=what)
+
+    def goodbye(self) -> None:
+        """On shutdown: metric -1 for every domain, then status 0 (made before MQTT stops)."""
+        for domain in self._domains:
+            self._publish(metric_topic(self._worker, domain), b"-1")
+        self._publish(status_topic(self._worker), b"0")
