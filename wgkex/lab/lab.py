@@ -20,9 +20,8 @@ Typical use in a test::
     self.addCleanup(lab.down)
     lab.up()
     router = lab.add_router()
-    reg = router.register(lab.broker_url, lab.domain)
-    lab.gateways[lab.gateway_for(reg)].wait_for_router(router.public_key)
-    router.connect(reg)
+    reg = lab.connect_router(router)      # register, wait for the worker, connect, HTTP check
+    router.ping_vxlan().ok
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ from wgkex.lab.netns import Namespace, add_bridge, namespaces
 from wgkex.lab.proc import LabError, Proc, spawn, wait_until
 from wgkex.lab.router import Registration, Router
 from wgkex.lab.state import Ledger
-from wgkex.lab.wggo import SOCKET_DIR, ensure_socket_dir
+from wgkex.lab.wggo import ensure_socket_dir
 
 DOMAIN = "ffmuc_welt"
 PREFIXES = ["ffmuc_"]
@@ -142,8 +141,10 @@ class Lab:
             raise
 
     def _up(self, timeout: float) -> None:
-        if ensure_socket_dir():
-            self.ledger.set_info("made_socket_dir", SOCKET_DIR)
+        # /run/wireguard is only a mount point here (each daemon mounts a private
+        # tmpfs on it). It is left in place on down: removing a directory that is a
+        # mount point in another mount namespace would detach that daemon's sockets.
+        ensure_socket_dir()
         self.lan = self.ledger.add_netns(Namespace.create(f"wgkex-{self.id}-lan"))
         add_bridge(self.lan, BRIDGE)
 
@@ -278,18 +279,23 @@ class Lab:
             return all(bool(rows.get(n, {}).get("eligible")) == eligible for n in names)
 
         state = "eligible" if eligible else "no longer eligible"
-        wait_until(check, timeout, f"the broker to see {', '.join(names)} {state}", interval=0.05)
+        try:
+            wait_until(check, timeout, f"the broker to see {', '.join(names)} {state}", interval=0.05)
+        except LabError as exc:
+            tails = [f"--- {p.name} ({p.log}):\n{p.log_tail(10)}" for p in self.ledger.procs()
+                     if p.name == "broker" or p.name.startswith("worker")]
+            raise LabError(f"{exc}; broker's view: {self.worker_rows()}\n" + "\n".join(tails)) from None
         return time.monotonic() - start
 
     # -- down / status ----------------------------------------------------------------------------
 
     def down(self) -> list[str]:
         """Remove everything this lab recorded; returns what could not be removed."""
-        made_dir = self.ledger.info.get("made_socket_dir")
         problems = self.ledger.teardown()
-        if made_dir and not problems and not _other_labs(os.path.dirname(self.directory)):
+        base = os.path.dirname(self.directory)
+        if not problems and not _other_labs(base):
             try:
-                os.rmdir(made_dir)  # empty in the root mount namespace; ours only if no lab uses it
+                os.rmdir(base)  # only if empty
             except OSError:
                 pass
         self.gateways.clear()
