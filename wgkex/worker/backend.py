@@ -26,6 +26,23 @@ class BackendError(Exception):
     """A netlink or UAPI operation failed; the message names the interface and the reason."""
 
 
+class PeersFailed(BackendError):
+    """Some peers of a batch could not be added or removed; every other peer of it was.
+
+    ``failed`` maps each such public key to the reason. Raised by
+    :meth:`WireGuard.add_peers` and :meth:`WireGuard.remove_peers` (a plain
+    :class:`BackendError` leaves the outcome of the batch unknown).
+    """
+
+    def __init__(self, iface: str, failed: dict[str, str]) -> None:
+        self.iface = iface
+        self.failed = dict(failed)
+        example_key, example_reason = next(iter(self.failed.items()))
+        super().__init__(
+            f"{iface}: {len(self.failed)} peer(s) failed, e.g. {example_key}: {example_reason}"
+        )
+
+
 @dataclass(frozen=True)
 class PeerInfo:
     """One WireGuard peer as read back from an interface."""
@@ -57,7 +74,9 @@ class WireGuard(Protocol):
     def add_peers(self, iface: str, peers: Sequence[tuple[str, str]]) -> None:
         """Add (or update) peers ``(public_key, allowed_ip_with_prefix)`` on ``iface``.
 
-        Idempotent. Raises :class:`InterfaceMissing` or :class:`BackendError`.
+        Idempotent. Raises :class:`InterfaceMissing` (nothing applied),
+        :class:`PeersFailed` (all but the named keys applied) or
+        :class:`BackendError` (outcome unknown; retrying is safe).
         """
 
     def remove_peers(self, iface: str, keys: Sequence[str]) -> None:

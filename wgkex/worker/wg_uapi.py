@@ -1,0 +1,324 @@
+"""WireGuard through the cross-platform userspace API socket (wireguard-go, boringtun).
+
+A userspace WireGuard daemon listens on ``<socket_dir>/<iface>.sock`` (by
+default ``/var/run/wireguard``) and speaks a line protocol
+(https://www.wireguard.com/xplatform/):
+
+* ``set=1\\n`` followed by ``key=value`` lines and an empty line changes the
+  device; ``get=1\\n\\n`` dumps it as ``key=value`` lines;
+* every reply ends with ``errno=N\\n\\n``; ``0`` is success, a negative errno
+  (``-22``: invalid argument) a failure;
+* keys travel in hex, not base64.
+
+The daemon serves any number of requests on one connection, so one connection
+per interface is kept open between calls and reopened when it drops (the
+daemon restarted, or closed it after a failed request).
+
+**What a failing ``set=1`` means.** The daemon applies the lines in order and
+stops at the first bad one; nothing is rolled back. A batch of peers is one
+transaction (far faster than one per peer: wireguard-go adds 10,000 peers in
+under a second that way), so when it fails :meth:`UapiWireGuard.add_peers`
+retries every peer of the batch in its own transaction, and then either
+returns (all peers are there after all) or raises
+:class:`~wgkex.worker.backend.PeersFailed` naming exactly the keys that are
+not (all others are in place). :class:`~wgkex.worker.backend.InterfaceMissing`
+means nothing was applied; a plain :class:`~wgkex.worker.backend.BackendError`
+means the state is unknown, and since every operation here is idempotent the
+caller may simply retry the whole batch later.
+
+Everything here blocks; it runs in the worker's thread pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from twisted.logger import Logger
+
+from wgkex.worker.backend import BackendError, InterfaceInfo, InterfaceMissing, PeerInfo, PeersFailed
+
+DEFAULT_SOCKET_DIR = "/var/run/wireguard"
+
+_END = b"\n\n"
+_RECV_SIZE = 256 * 1024
+
+
+class _ConnectionLost(Exception):
+    """The daemon closed the connection before a complete reply."""
+
+
+def errno_text(code: int) -> str:
+    """``errno=-22 (Invalid argument)``: a UAPI status as a reader understands it."""
+    try:
+        name = os.strerror(abs(code))
+    except ValueError:  # pragma: no cover - os.strerror accepts any int on Linux
+        name = "unknown error"
+    return f"errno={code} ({name})"
+
+
+def _key_hex(key: str) -> str:
+    """The hex form of a base64 public key; ValueError if it is not 32 bytes of base64."""
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"not base64: {e}") from None
+    if len(raw) != 32:
+        raise ValueError("not a 32-byte key")
+    return raw.hex()
+
+
+def _hex_key(text: str) -> str:
+    return base64.b64encode(bytes.fromhex(text)).decode("ascii")
+
+
+class UapiWireGuard:
+    """:class:`~wgkex.worker.backend.WireGuard` over ``<socket_dir>/<iface>.sock``.
+
+    ``socket_dir`` may be any directory holding the sockets, e.g.
+    ``/proc/<pid>/root/run/wireguard`` to reach a daemon that runs in its own
+    mount namespace. ``timeout`` bounds every single read or write on the
+    socket (not a whole request), in seconds.
+    """
+
+    log = Logger()
+
+    def __init__(self, socket_dir: str = DEFAULT_SOCKET_DIR, *, timeout: float = 60.0) -> None:
+        self.socket_dir = socket_dir
+        self.timeout = timeout
+        self._connections: dict[str, socket.socket] = {}
+        # The pool may have more than one thread: one request at a time per object.
+        self._lock = threading.Lock()
+
+    def socket_path(self, iface: str) -> str:
+        """Where the daemon for ``iface`` listens."""
+        return os.path.join(self.socket_dir, f"{iface}.sock")
+
+    # -- the WireGuard interface ------------------------------------------------------------
+
+    def add_peers(self, iface: str, peers: Sequence[tuple[str, str]]) -> None:
+        """Add or update ``(public_key, allowed_ip)`` peers in one ``set=1`` transaction.
+
+        Each peer's allowed IPs are replaced by the one given. See the module
+        docstring for what a failure leaves behind.
+        """
+        failed: dict[str, str] = {}
+        blocks: list[tuple[str, str]] = []
+        for key, allowed_ip in peers:
+            try:
+                blocks.append((key, self._peer_block(key, allowed_ip)))
+            except ValueError as e:
+                failed[key] = str(e)
+        with self._lock:
+            self._set_with_fallback(iface, blocks, failed, "add")
+        if failed:
+            raise PeersFailed(iface, failed)
+
+    def remove_peers(self, iface: str, keys: Sequence[str]) -> None:
+        """Remove peers by public key in one transaction; absent peers are fine."""
+        failed: dict[str, str] = {}
+        blocks: list[tuple[str, str]] = []
+        for key in keys:
+            try:
+                blocks.append((key, f"public_key={_key_hex(key)}\nremove=true\n"))
+            except ValueError as e:
+                failed[key] = f"public key {e}"
+        with self._lock:
+            self._set_with_fallback(iface, blocks, failed, "remove")
+        if failed:
+            raise PeersFailed(iface, failed)
+
+    def peers(self, iface: str) -> list[PeerInfo]:
+        """Every peer of ``iface`` with its latest handshake and allowed IPs."""
+        with self._lock:
+            lines = self._get(iface)
+        result: list[PeerInfo] = []
+        key: str | None = None
+        seconds = nanoseconds = 0
+        allowed: list[str] = []
+
+        def finish() -> None:
+            if key is not None:
+                handshake = None if seconds == 0 and nanoseconds == 0 else seconds + nanoseconds / 1e9
+                result.append(PeerInfo(key, handshake, tuple(allowed)))
+
+        for name, value in lines:
+            if name == "public_key":
+                finish()
+                key, seconds, nanoseconds, allowed = _hex_key(value), 0, 0, []
+            elif key is None:
+                continue  # device-level lines come before the first peer
+            elif name == "last_handshake_time_sec":
+                seconds = int(value)
+            elif name == "last_handshake_time_nsec":
+                nanoseconds = int(value)
+            elif name == "allowed_ip":
+                allowed.append(value)
+        finish()
+        return result
+
+    def interface(self, iface: str) -> InterfaceInfo:
+        """Listen port and public key (derived from the private key the daemon reports)."""
+        with self._lock:
+            lines = self._get(iface)
+        private_key: str | None = None
+        listen_port = 0
+        for name, value in lines:
+            if name == "public_key":
+                break  # peers follow; the device lines are done
+            if name == "private_key":
+                private_key = value
+            elif name == "listen_port":
+                listen_port = int(value)
+        if private_key is None:
+            raise BackendError(
+                f"{iface} has no private key yet; give it one, e.g. `wg set {iface} private-key FILE`"
+            )
+        return InterfaceInfo(public_key_from_private(bytes.fromhex(private_key)), listen_port)
+
+    def close(self) -> None:
+        """Close every open daemon connection."""
+        with self._lock:
+            for iface in list(self._connections):
+                self._drop(iface)
+
+    # -- requests -------------------------------------------------------------------------
+
+    @staticmethod
+    def _peer_block(key: str, allowed_ip: str) -> str:
+        try:
+            hexkey = _key_hex(key)
+        except ValueError as e:
+            raise ValueError(f"public key {e}") from None
+        try:
+            # Rendered from the parsed value: nothing from outside reaches the line protocol raw.
+            network = ipaddress.ip_network(allowed_ip, strict=False)
+        except ValueError:
+            raise ValueError(f"allowed IP {allowed_ip!r} is not an address/prefix") from None
+        return f"public_key={hexkey}\nreplace_allowed_ips=true\nallowed_ip={network}\n"
+
+    def _set_with_fallback(
+        self, iface: str, blocks: list[tuple[str, str]], failed: dict[str, str], what: str
+    ) -> None:
+        """One transaction for all ``blocks``; on failure one per block, recording failures."""
+        if not blocks:
+            return
+        code = self._set(iface, (block for _, block in blocks))
+        if code == 0:
+            return
+        self.log.warn(
+            "{iface}: {what} of {count} peers in one UAPI transaction failed with {status};"
+            " retrying them one by one",
+            iface=iface,
+            what=what,
+            count=len(blocks),
+            status=errno_text(code),
+        )
+        for key, block in blocks:
+            code = self._set(iface, (block,))
+            if code != 0:
+                failed[key] = f"{what} peer on {iface} failed: {errno_text(code)}"
+
+    def _set(self, iface: str, blocks: Iterable[str]) -> int:
+        request = "set=1\n" + "".join(blocks) + "\n"
+        code, _ = self._exchange(iface, request.encode("ascii"))
+        return code
+
+    def _get(self, iface: str) -> list[tuple[str, str]]:
+        code, body = self._exchange(iface, b"get=1\n\n")
+        if code != 0:
+            raise BackendError(f"{iface}: UAPI get failed with {errno_text(code)}")
+        lines: list[tuple[str, str]] = []
+        for line in body.decode("ascii", "replace").split("\n"):
+            name, sep, value = line.partition("=")
+            if sep:
+                lines.append((name, value))
+        return lines
+
+    def _exchange(self, iface: str, request: bytes) -> tuple[int, bytes]:
+        """Send one request and return ``(errno, reply lines before errno)``.
+
+        A cached connection that turns out dead is replaced once; requests are
+        idempotent, so resending after a drop is safe.
+        """
+        for attempt in (1, 2):
+            connection = self._connections.get(iface)
+            fresh = connection is None
+            if connection is None:
+                connection = self._connect(iface)
+            try:
+                connection.sendall(request)
+                reply = self._read_reply(connection)
+            except TimeoutError:
+                self._drop(iface)
+                raise BackendError(
+                    f"{iface}: no reply from the WireGuard daemon within {self.timeout:g} s"
+                ) from None
+            except (OSError, _ConnectionLost) as e:
+                self._drop(iface)
+                if fresh or attempt == 2:
+                    if not os.path.exists(self.socket_path(iface)):
+                        raise InterfaceMissing(f"{iface}: the WireGuard daemon went away") from None
+                    raise BackendError(f"{iface}: UAPI connection failed: {e or 'closed'}") from None
+                continue
+            body, _, status = reply[: -len(_END)].rpartition(b"\n")
+            if not status.startswith(b"errno="):
+                self._drop(iface)
+                raise BackendError(f"{iface}: UAPI reply does not end in errno=N: {status[:80]!r}")
+            try:
+                code = int(status[len(b"errno=") :])
+            except ValueError:
+                self._drop(iface)
+                raise BackendError(f"{iface}: UAPI reply has a bad status line: {status[:80]!r}") from None
+            if code != 0:
+                # wireguard-go stops reading mid-request and would take the rest of
+                # it for the next request: start the next one on a clean connection.
+                self._drop(iface)
+            return code, body
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connect(self, iface: str) -> socket.socket:
+        path = self.socket_path(iface)
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.settimeout(self.timeout)
+        try:
+            connection.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            connection.close()
+            reason = "no socket" if isinstance(e, FileNotFoundError) else "nobody listens on"
+            raise InterfaceMissing(f"{iface} missing: {reason} {path}") from None
+        except OSError as e:
+            connection.close()
+            raise BackendError(f"{iface}: cannot connect to {path}: {e.strerror or e}") from None
+        self._connections[iface] = connection
+        return connection
+
+    def _drop(self, iface: str) -> None:
+        connection = self._connections.pop(iface, None)
+        if connection is not None:
+            connection.close()
+
+    @staticmethod
+    def _read_reply(connection: socket.socket) -> bytes:
+        reply = bytearray()
+        while not reply.endswith(_END):
+            chunk = connection.recv(_RECV_SIZE)
+            if not chunk:
+                raise _ConnectionLost("the daemon closed the connection")
+            reply += chunk
+        return bytes(reply)
+
+
+def public_key_from_private(private_key: bytes) -> str:
+    """The base64 WireGuard public key of a 32-byte private key (X25519 with the base point)."""
+    public = X25519PrivateKey.from_private_bytes(private_key).public_key()
+    return base64.b64encode(public.public_bytes_raw()).decode("ascii")
+
+
+__all__ = ["DEFAULT_SOCKET_DIR", "UapiWireGuard", "errno_text", "public_key_from_private"]
