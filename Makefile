@@ -38,8 +38,9 @@ test: deps venv
 unit: venv
 	$(BIN)/trial tests.unit
 
+# `make demo KEEP=1` leaves the lab running (then `make lab-down`).
 demo: deps venv
-	$(BIN)/python -m wgkex.lab demo
+	$(BIN)/python -m wgkex.lab demo $(if $(filter-out 0,$(KEEP)),--keep)
 
 lab-up: deps venv
 	$(BIN)/python -m wgkex.lab up
