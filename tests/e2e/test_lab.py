@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support.skips import need_root_lab
 from wgkex.lab.lab import Lab
 from wgkex.lab.netns import namespaces
+from wgkex.lab.proc import wait_until
 from wgkex.lab.router import Router
 
 KEEPALIVE = 3
@@ -89,8 +90,11 @@ class RouterFlowTests(LabTestCase):
         lab = self.start_lab()
         first = lab.add_router()
         lab.connect_router(first)
+        worker_logins = lab.mqtt_logins("gw1")
+        self.assertGreaterEqual(worker_logins, 1)
         lab.restart_mosquitto()
         lab.wait_broker_ready(timeout=15)
+        wait_until(lambda: lab.mqtt_logins("gw1") > worker_logins, 15, "the worker to log in again")
         lab.wait_eligible(["gw1"], timeout=15)
         later = lab.add_router()
         lab.connect_router(later, timeout=15)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import time
@@ -203,6 +204,18 @@ class Lab:
         if old is not None:
             self.ledger.forget_proc(old)
         self.ledger.add_proc(self.mosquitto.start())
+
+    def mqtt_logins(self, client_id: str) -> int:
+        """How often ``client_id`` logged in to mosquitto since the lab started (from its log)."""
+        if self.mosquitto is None:
+            return 0
+        try:
+            with open(self.mosquitto.log_path, errors="replace") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return 0
+        return sum(1 for m in re.finditer(r"New client connected from \S+ as (\S+) \(", text)
+                   if m.group(1) == client_id)
 
     # -- routers -------------------------------------------------------------------------------
 
