@@ -129,3 +129,17 @@ class TwoGatewayTests(LabTestCase):
         reg = lab.connect_router(later)
         self.assertEqual(lab.gateway_for(reg).name, "gw2")
         self.assert_tunnel_works(lab, later)
+
+    def test_frozen_worker(self) -> None:
+        """A worker that stops answering (SIGSTOP, no FIN) is dropped by its last will after 1.5 keepalives."""
+        lab = self.start_lab({"gw1": 2, "gw2": 1})
+        worker = lab.gateways["gw1"].worker
+        assert worker is not None
+        start = time.monotonic()
+        worker.send(signal.SIGSTOP)
+        self.addCleanup(worker.send, signal.SIGCONT)  # runs before the lab's teardown
+        lab.wait_eligible(["gw1"], timeout=1.5 * KEEPALIVE + 3, eligible=False)
+        elapsed = time.monotonic() - start
+        self.assertGreater(elapsed, KEEPALIVE)  # it was the keepalive that ran out, not a closed socket
+        reg = lab.connect_router(lab.add_router())
+        self.assertEqual(lab.gateway_for(reg).name, "gw2")

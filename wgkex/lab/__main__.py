@@ -62,10 +62,10 @@ def cmd_status(lab: Lab, as_json: bool) -> int:
     st = lab.status()
     if as_json:
         print(json.dumps(st, indent=2))
-        return 0 if st["up"] else 3
+        return 0 if st["up"] or not lab.ledger.exists else 1
     if not lab.ledger.exists:
         print(f"lab '{lab.id}' is not up (make lab-up or make demo KEEP=1 starts it)")
-        return 3
+        return 0
     print(f"lab '{lab.id}': {'up' if st['up'] else 'BROKEN (make lab-down cleans up)'}, state in {st['state_dir']}")
     for p in st["processes"]:
         print(f"  {'running' if p['running'] else 'GONE   '}  pid {p['pid']:<7} {p['name']}")
