@@ -69,10 +69,14 @@ class BackendPool(Service):
         make_wireguard: Callable[[], WireGuard],
         make_rtnl: Callable[[], Rtnl],
         name: str = "netlink-pool",
+        threadpool_factory: Callable[[], ThreadPool] | None = None,
     ) -> None:
         self._reactor = reactor
         self._make_wireguard = make_wireguard
         self._make_rtnl = make_rtnl
+        self._threadpool_factory = threadpool_factory or (
+            lambda: ThreadPool(minthreads=1, maxthreads=1, name="wgkex-netlink")
+        )
         self.setName(name)
         self._threadpool: ThreadPool | None = None
         # Touched only inside the pool thread.
@@ -81,7 +85,7 @@ class BackendPool(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._threadpool = ThreadPool(minthreads=1, maxthreads=1, name="wgkex-netlink")
+        self._threadpool = self._threadpool_factory()
         self._threadpool.start()
         # The first job: every later job runs after it in the same thread.
         d = deferToThreadPool(self._reactor, self._threadpool, self._create)

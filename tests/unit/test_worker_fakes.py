@@ -1,0 +1,421 @@
+"""Fakes at the worker's boundaries (kernel, pool, MQTT), shared by the worker unit tests.
+
+* :class:`FakeKernel` holds what a network namespace would: interfaces with an
+  index, WireGuard peers, /128 routes, FDB entries, link-local addresses.
+  :class:`FakeWireGuard` and :class:`FakeRtnl` implement the ``WireGuard`` and
+  ``Rtnl`` protocols of :mod:`wgkex.worker.backend` on top of it, with knobs
+  to make single keys or addresses fail the way real backends do.
+* :class:`SyncPool` runs jobs at once; :class:`ManualPool` holds them until
+  the test releases them (to see what arrives while a batch is applied).
+* :class:`FakeBus` speaks the ``MqttService`` interface in memory and records
+  every publish and the moment it stopped.
+
+The tests at the bottom pin the fakes' own behaviour, so that the tests
+built on them rest on something checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from wgkex.config import Config, parse_config
+from wgkex.keys import lladdr
+from wgkex.worker.backend import BackendError, InterfaceInfo, InterfaceMissing, PeerInfo, PeersFailed
+from wgkex.worker.pool import Backends
+
+#: The CONTRACT.md test vectors.
+KEY_A = "o52Ge+Rpj4CUSitVag9mS7pSXUesNM0ESnvj/wwehkg="
+LL_A = "fe80::2a6:8fff:fe21:5465"
+KEY_B = "gP3VJnTTvnQut+z4O+m0N9RgMyXbgyUbUkF3E3TKX2w="
+LL_B = "fe80::25b:c1ff:fe61:e5bd"
+
+GATEWAY_KEY = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+
+
+def key(n: int) -> str:
+    """A distinct valid public key for ``n`` (canonical base64 of 32 bytes)."""
+    import base64
+
+    raw = bytearray(32)
+    raw[0:4] = (n + 7).to_bytes(4, "big")
+    raw[31] = 0x40
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def make_config(**overrides: Any) -> Config:
+    """Two domains (welt, ost), worker ``gw1``; ``overrides`` are top-level YAML keys."""
+    data: dict[str, Any] = {
+        "domains": ["ffmuc_welt", "ffmuc_ost"],
+        "domain_prefixes": ["ffmuc_"],
+        "worker_name": "gw1",
+        "externalName": "gw1.example.net",
+    }
+    data.update(overrides)
+    return parse_config(data, "test.yaml", hostname=lambda: "host")
+
+
+@dataclass
+class FakeKernel:
+    """The state of one network namespace, as the worker sees it."""
+
+    indexes: dict[str, int] = field(default_factory=dict)
+    info: dict[str, InterfaceInfo] = field(default_factory=dict)
+    link_local: dict[str, str] = field(default_factory=dict)
+    peers: dict[str, dict[str, PeerInfo]] = field(default_factory=dict)
+    routes: dict[str, set[str]] = field(default_factory=dict)
+    fdb: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    next_index: int = 10
+
+    def add_domain(self, short: str, port: int = 51820, address: str = "fe80::1") -> None:
+        """Create ``wg-<short>`` (with key, port, link-local address) and ``vx-<short>``."""
+        for name in (f"wg-{short}", f"vx-{short}"):
+            self.next_index += 1
+            self.indexes[name] = self.next_index
+        wg = f"wg-{short}"
+        self.info[wg] = InterfaceInfo(public_key=GATEWAY_KEY, listen_port=port)
+        self.link_local[wg] = address
+        self.peers[wg] = {}
+        self.routes[wg] = set()
+        self.fdb[f"vx-{short}"] = set()
+
+    def delete(self, name: str) -> None:
+        """Delete an interface with everything on it (as the kernel does)."""
+        self.indexes.pop(name, None)
+        self.info.pop(name, None)
+        self.link_local.pop(name, None)
+        self.peers.pop(name, None)
+        self.routes.pop(name, None)
+        self.fdb.pop(name, None)
+        for vx, entries in self.fdb.items():
+            self.fdb[vx] = {e for e in entries if e[1] != name}
+
+    def ifindex(self, name: str) -> int | None:
+        return self.indexes.get(name)
+
+    def has(self, short: str, k: str) -> bool:
+        """True when key ``k`` is fully installed on domain ``short`` (peer, route, FDB)."""
+        wg, vx = f"wg-{short}", f"vx-{short}"
+        peer = self.peers.get(wg, {}).get(k)
+        return (
+            peer is not None
+            and peer.allowed_ips == (lladdr(k) + "/128",)
+            and lladdr(k) in self.routes.get(wg, set())
+            and (lladdr(k), wg) in self.fdb.get(vx, set())
+        )
+
+    def nothing_on(self, short: str, k: str) -> bool:
+        """True when no trace of key ``k`` is on domain ``short``."""
+        wg, vx = f"wg-{short}", f"vx-{short}"
+        return (
+            k not in self.peers.get(wg, {})
+            and lladdr(k) not in self.routes.get(wg, set())
+            and all(e[0] != lladdr(k) for e in self.fdb.get(vx, set()))
+        )
+
+
+class FakeWireGuard:
+    """``WireGuard`` on a :class:`FakeKernel`; ``refuse`` keys sink a whole ``add_peers`` call."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        self.kernel = kernel
+        self.calls: list[tuple[str, str, int]] = []  # (method, iface, number of keys)
+        #: A batch containing one of these raises BackendError (outcome unknown).
+        self.refuse: set[str] = set()
+        #: These are refused individually with PeersFailed (all others applied).
+        self.refuse_partially: set[str] = set()
+        self.fail_peers_dump: Exception | None = None
+        self.closed = False
+
+    def _iface(self, iface: str) -> dict[str, PeerInfo]:
+        if iface not in self.kernel.peers:
+            raise InterfaceMissing(f"interface {iface} does not exist")
+        return self.kernel.peers[iface]
+
+    def add_peers(self, iface: str, peers: Sequence[tuple[str, str]]) -> None:
+        self.calls.append(("add_peers", iface, len(peers)))
+        table = self._iface(iface)
+        if any(k in self.refuse for k, _ in peers):
+            raise BackendError(f"{iface}: set=1 failed: errno=-22")
+        partial = {k: "errno=-22" for k, _ in peers if k in self.refuse_partially}
+        for k, allowed in peers:
+            if k in partial:
+                continue
+            old = table.get(k)
+            table[k] = PeerInfo(k, old.last_handshake if old else None, (allowed,))
+        if partial:
+            raise PeersFailed(iface, partial)
+
+    def remove_peers(self, iface: str, keys: Sequence[str]) -> None:
+        self.calls.append(("remove_peers", iface, len(keys)))
+        table = self._iface(iface)
+        for k in keys:
+            table.pop(k, None)
+
+    def peers(self, iface: str) -> list[PeerInfo]:
+        self.calls.append(("peers", iface, 0))
+        if self.fail_peers_dump is not None:
+            raise self.fail_peers_dump
+        return list(self._iface(iface).values())
+
+    def interface(self, iface: str) -> InterfaceInfo:
+        self.calls.append(("interface", iface, 0))
+        if iface not in self.kernel.info:
+            raise InterfaceMissing(f"interface {iface} does not exist")
+        return self.kernel.info[iface]
+
+    def close(self) -> None:
+        self.closed = True
+
+    def handshake(self, iface: str, k: str, when: float | None) -> None:
+        """Set the last handshake of peer ``k`` (test helper)."""
+        peer = self.kernel.peers[iface][k]
+        self.kernel.peers[iface][k] = PeerInfo(k, when, peer.allowed_ips)
+
+
+class FakeRtnl:
+    """``Rtnl`` on a :class:`FakeKernel`; ``refuse_routes`` addresses fail one by one."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        self.kernel = kernel
+        self.calls: list[tuple[str, str, int]] = []
+        self.refuse_routes: set[str] = set()
+        self.refuse_fdb: set[str] = set()
+        self.closed = False
+
+    def _need(self, iface: str, table: dict[str, Any]) -> Any:
+        if iface not in self.kernel.indexes or iface not in table:
+            raise InterfaceMissing(f"interface {iface} does not exist")
+        return table[iface]
+
+    def replace_routes(self, iface: str, addresses: Sequence[str]) -> dict[str, str]:
+        self.calls.append(("replace_routes", iface, len(addresses)))
+        routes = self._need(iface, self.kernel.routes)
+        failures = {a: "Network is unreachable" for a in addresses if a in self.refuse_routes}
+        routes.update(a for a in addresses if a not in failures)
+        return failures
+
+    def append_fdb(self, vx_iface: str, wg_iface: str, addresses: Sequence[str]) -> dict[str, str]:
+        self.calls.append(("append_fdb", vx_iface, len(addresses)))
+        entries = self._need(vx_iface, self.kernel.fdb)
+        if wg_iface not in self.kernel.indexes:
+            raise InterfaceMissing(f"interface {wg_iface} does not exist")
+        failures = {a: "Invalid argument" for a in addresses if a in self.refuse_fdb}
+        entries.update((a, wg_iface) for a in addresses if a not in failures)
+        return failures
+
+    def delete_routes(self, iface: str, addresses: Sequence[str]) -> None:
+        self.calls.append(("delete_routes", iface, len(addresses)))
+        self._need(iface, self.kernel.routes).difference_update(addresses)
+
+    def delete_fdb(self, vx_iface: str, addresses: Sequence[str]) -> None:
+        self.calls.append(("delete_fdb", vx_iface, len(addresses)))
+        entries = self._need(vx_iface, self.kernel.fdb)
+        self.kernel.fdb[vx_iface] = {e for e in entries if e[0] not in addresses}
+
+    def link_local_address(self, iface: str) -> str | None:
+        self.calls.append(("link_local_address", iface, 0))
+        if iface not in self.kernel.indexes:
+            raise InterfaceMissing(f"interface {iface} does not exist")
+        return self.kernel.link_local.get(iface)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def backends_for(kernel: FakeKernel) -> tuple[Backends, FakeWireGuard, FakeRtnl]:
+    wg, rtnl = FakeWireGuard(kernel), FakeRtnl(kernel)
+    return Backends(wireguard=wg, rtnl=rtnl), wg, rtnl
+
+
+class SyncPool:
+    """A pool that runs each job at once, on the caller's thread."""
+
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+        self.jobs: list[str] = []
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.jobs.append(fn.__name__)
+        try:
+            return succeed(fn(self.backends, *args, **kwargs))
+        except Exception:
+            return fail()
+
+
+class ManualPool:
+    """A pool that holds jobs until :meth:`release` runs them in order."""
+
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+        self.queue: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Deferred[Any]]] = []
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append((fn, args, kwargs, d))
+        return d
+
+    def jobs(self) -> list[str]:
+        return [fn.__name__ for fn, _, _, _ in self.queue]
+
+    def release(self, count: int | None = None) -> int:
+        """Run up to ``count`` queued jobs (all, including ones queued meanwhile, by default)."""
+        done = 0
+        while self.queue and (count is None or done < count):
+            fn, args, kwargs, d = self.queue.pop(0)
+            try:
+                result = fn(self.backends, *args, **kwargs)
+            except Exception as exc:
+                d.errback(exc)
+            else:
+                d.callback(result)
+            done += 1
+        return done
+
+
+class FakeBus:
+    """``MqttService`` in memory: subscriptions, callbacks, publishes, and an event log."""
+
+    def __init__(self, connected: bool = False) -> None:
+        self._connected = connected
+        self.subscriptions: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = []
+        self.connect_callbacks: list[Callable[[], None]] = []
+        self.disconnect_callbacks: list[Callable[[], None]] = []
+        self.published: list[tuple[str, bytes, int, bool]] = []
+        #: ("publish", topic, payload) and ("start",), ("stop",) in the order they happened.
+        self.events: list[tuple[Any, ...]] = []
+        self.running = 0
+        self.name = "mqtt"
+        self.parent: Any = None
+        self.queue_full = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def subscribe(self, topic_filter: str, qos: int, callback: Callable[[str, bytes, bool], None]) -> None:
+        self.subscriptions.append((topic_filter, qos, callback))
+
+    def add_connect_callback(self, cb: Callable[[], None]) -> None:
+        self.connect_callbacks.append(cb)
+
+    def add_disconnect_callback(self, cb: Callable[[], None]) -> None:
+        self.disconnect_callbacks.append(cb)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]:
+        if self.queue_full and not self._connected:
+            raise RuntimeError("queue full")  # stands in for wgkex.mqtt.QueueFull
+        data = payload.encode() if isinstance(payload, str) else payload
+        self.published.append((topic, data, qos, retain))
+        self.events.append(("publish", topic, data))
+        return succeed(None)
+
+    # The bits of IService the service tree uses.
+    def setServiceParent(self, parent: Any) -> None:
+        self.parent = parent
+        parent.addService(self)
+
+    def disownServiceParent(self) -> None:
+        self.parent = None
+
+    def privilegedStartService(self) -> None:
+        pass
+
+    def startService(self) -> None:
+        self.running = 1
+        self.events.append(("start",))
+
+    def stopService(self) -> Deferred[None]:
+        self.running = 0
+        self.events.append(("stop",))
+        return succeed(None)
+
+    # Test controls.
+    def connect(self) -> None:
+        self._connected = True
+        for cb in self.connect_callbacks:
+            cb()
+
+    def disconnect(self) -> None:
+        self._connected = False
+        for cb in self.disconnect_callbacks:
+            cb()
+
+    def deliver(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """Hand a message to every subscription whose filter matches ``topic``."""
+        for topic_filter, _, callback in self.subscriptions:
+            if _matches(topic_filter, topic):
+                callback(topic, payload, retained)
+
+    def last(self, topic: str) -> bytes | None:
+        """The payload last published on ``topic``."""
+        for t, payload, _, _ in reversed(self.published):
+            if t == topic:
+                return payload
+        return None
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    f, t = topic_filter.split("/"), topic.split("/")
+    if f and f[-1] == "#":
+        return t[: len(f) - 1] == f[:-1]
+    return len(f) == len(t) and all(a in ("+", b) for a, b in zip(f, t))
+
+
+class FakesTests(SynchronousTestCase):
+    """The fakes behave like the real boundary where the worker relies on it."""
+
+    def setUp(self) -> None:
+        self.kernel = FakeKernel()
+        self.kernel.add_domain("welt")
+        self.backends, self.wg, self.rtnl = backends_for(self.kernel)
+
+    def test_add_peers_idempotent(self) -> None:
+        """Adding the same peer twice leaves one peer, like WireGuard."""
+        self.wg.add_peers("wg-welt", [(KEY_A, LL_A + "/128")])
+        self.wg.add_peers("wg-welt", [(KEY_A, LL_A + "/128")])
+        self.assertEqual(len(self.wg.peers("wg-welt")), 1)
+
+    def test_missing_interface(self) -> None:
+        """Operations on a missing interface raise InterfaceMissing."""
+        self.assertRaises(InterfaceMissing, self.wg.add_peers, "wg-nope", [(KEY_A, LL_A + "/128")])
+        self.assertRaises(InterfaceMissing, self.rtnl.replace_routes, "wg-nope", [LL_A])
+
+    def test_delete_takes_everything(self) -> None:
+        """Deleting wg-* drops its peers, routes and the FDB entries via it, as the kernel does."""
+        self.wg.add_peers("wg-welt", [(KEY_A, LL_A + "/128")])
+        self.rtnl.replace_routes("wg-welt", [LL_A])
+        self.rtnl.append_fdb("vx-welt", "wg-welt", [LL_A])
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+        self.kernel.delete("wg-welt")
+        self.assertTrue(self.kernel.nothing_on("welt", KEY_A))
+
+    def test_partial_refusal(self) -> None:
+        """PeersFailed names the refused keys and the others are applied."""
+        self.wg.refuse_partially.add(KEY_B)
+        with self.assertRaises(PeersFailed) as caught:
+            self.wg.add_peers("wg-welt", [(KEY_A, LL_A + "/128"), (KEY_B, LL_B + "/128")])
+        self.assertEqual(set(caught.exception.failed), {KEY_B})
+        self.assertEqual([p.public_key for p in self.wg.peers("wg-welt")], [KEY_A])
+
+    def test_bus_matching(self) -> None:
+        """The fake bus delivers by MQTT filter rules."""
+        got: list[str] = []
+        bus = FakeBus()
+        bus.subscribe("wireguard/ffmuc_welt/+", 1, lambda t, p, r: got.append(t))
+        bus.deliver("wireguard/ffmuc_welt/all", b"x")
+        bus.deliver("wireguard/ffmuc_ost/all", b"x")
+        bus.deliver("wireguard/ffmuc_welt/all/extra", b"x")
+        self.assertEqual(got, ["wireguard/ffmuc_welt/all"])
+
+    def test_generated_keys_valid(self) -> None:
+        """key(n) gives distinct valid keys."""
+        from wgkex.keys import is_valid_public_key
+
+        keys = {key(n) for n in range(100)}
+        self.assertEqual(len(keys), 100)
+        self.assertTrue(all(is_valid_public_key(k) for k in keys))

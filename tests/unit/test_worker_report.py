@@ -1,0 +1,133 @@
+"""Status, data and connected-peer payloads the worker publishes for the broker."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.test_worker_fakes import (
+    GATEWAY_KEY,
+    KEY_A,
+    KEY_B,
+    FakeBus,
+    FakeKernel,
+    SyncPool,
+    backends_for,
+    key,
+    make_config,
+)
+from wgkex.worker.metrics import WorkerMetrics
+from wgkex.worker.report import Reporter
+
+START = 1_700_000_000.0
+STATUS = "wireguard-worker/gw1/status"
+DATA_WELT = "wireguard-worker/gw1/ffmuc_welt/data"
+DATA_OST = "wireguard-worker/gw1/ffmuc_ost/data"
+METRIC_WELT = "wireguard-metrics/ffmuc_welt/gw1/connected_peers"
+METRIC_OST = "wireguard-metrics/ffmuc_ost/gw1/connected_peers"
+
+
+class ReporterTests(SynchronousTestCase):
+    """Reporter with a fake bus, fake backends and a synchronous pool."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.kernel = FakeKernel()
+        self.kernel.add_domain("welt", port=51820, address="fe80::27c:16ff:fec0:6c74")
+        self.kernel.add_domain("ost", port=51821, address="fe80::1")
+        self.backends, self.wg, self.rtnl = backends_for(self.kernel)
+        self.bus = FakeBus()
+        self.config = make_config()
+        self.metrics = WorkerMetrics(self.config.domains)
+        self.reporter = Reporter(self.config, self.bus, SyncPool(self.backends), self.metrics, self.clock)
+
+    def test_connect_publishes_status_data_counts(self) -> None:
+        """After a connect: status 1, then data per domain, then counts; all QoS 1 retained."""
+        self.bus.connect()  # the service wires the callback; here on_connect is called directly
+        self.successResultOf(self.reporter.on_connect())
+        topics = [t for t, _, _, _ in self.bus.published]
+        self.assertEqual(topics, [STATUS, DATA_WELT, DATA_OST, METRIC_WELT, METRIC_OST])
+        self.assertTrue(all(qos == 1 and retain for _, _, qos, retain in self.bus.published))
+        self.assertEqual(self.bus.last(STATUS), b"1")
+        self.assertEqual(
+            json.loads(self.bus.last(DATA_WELT) or b""),
+            {
+                "ExternalAddress": "gw1.example.net",
+                "Port": 51820,
+                "PublicKey": GATEWAY_KEY,
+                "LinkAddress": "fe80::27c:16ff:fec0:6c74",
+            },
+        )
+        self.assertEqual(json.loads(self.bus.last(DATA_OST) or b"")["Port"], 51821)
+        self.assertEqual(self.bus.last(METRIC_WELT), b"0")
+
+    def test_connected_peer_count(self) -> None:
+        """Only peers with a handshake within 180 s count as connected."""
+        self.wg.add_peers("wg-welt", [(k, "fe80::9/128") for k in (KEY_A, KEY_B, key(1), key(2))])
+        now = self.clock.seconds()
+        self.wg.handshake("wg-welt", KEY_A, now - 5)
+        self.wg.handshake("wg-welt", KEY_B, now - 180)
+        self.wg.handshake("wg-welt", key(1), now - 181)
+        self.bus.connect()
+        self.successResultOf(self.reporter.publish_counts())
+        self.assertEqual(self.bus.last(METRIC_WELT), b"2")
+        self.assertEqual(self.bus.last(METRIC_OST), b"0")
+        self.assertEqual(
+            self.metrics.registry.get_sample_value("wgkex_worker_peers", {"domain": "ffmuc_welt"}), 4
+        )
+        self.assertEqual(
+            self.metrics.registry.get_sample_value("wgkex_worker_connected_peers", {"domain": "ffmuc_welt"}), 2
+        )
+
+    def test_missing_interface_skipped_then_retried(self) -> None:
+        """A missing interface: its data is skipped (logged once), its metric is -1; published once it is back."""
+        self.kernel.delete("wg-ost")
+        self.bus.connect()
+        with capturedLogs() as events:
+            self.successResultOf(self.reporter.on_connect())
+            self.successResultOf(self.reporter.publish_counts())
+        self.assertIsNone(self.bus.last(DATA_OST))
+        self.assertIsNotNone(self.bus.last(DATA_WELT))
+        self.assertEqual(self.bus.last(METRIC_OST), b"-1")
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn and e.get("domain") == "ffmuc_ost"]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("wg-ost", warnings[0]["problem"])
+        self.kernel.add_domain("ost", port=51899)
+        self.successResultOf(self.reporter.publish_counts())
+        self.assertEqual(json.loads(self.bus.last(DATA_OST) or b"")["Port"], 51899)
+        self.assertEqual(self.bus.last(METRIC_OST), b"0")
+
+    def test_no_link_local_address(self) -> None:
+        """An interface without a link-local address gets no data message."""
+        del self.kernel.link_local["wg-welt"]
+        self.bus.connect()
+        self.successResultOf(self.reporter.on_connect())
+        self.assertIsNone(self.bus.last(DATA_WELT))
+
+    def test_counts_not_published_while_disconnected(self) -> None:
+        """While disconnected the counts update the gauges only; the next connect publishes afresh."""
+        self.successResultOf(self.reporter.publish_counts())
+        self.assertEqual(self.bus.published, [])
+        self.assertEqual(
+            self.metrics.registry.get_sample_value("wgkex_worker_connected_peers", {"domain": "ffmuc_welt"}), 0
+        )
+
+    def test_goodbye(self) -> None:
+        """goodbye publishes -1 for every domain, then status 0, retained QoS 1."""
+        self.bus.connect()
+        self.reporter.goodbye()
+        self.assertEqual(
+            self.bus.published,
+            [(METRIC_WELT, b"-1", 1, True), (METRIC_OST, b"-1", 1, True), (STATUS, b"0", 1, True)],
+        )
+
+    def test_publish_refused(self) -> None:
+        """A publish refused synchronously (queue full) is logged, not raised."""
+        self.bus.queue_full = True
+        with capturedLogs() as events:
+            self.reporter.goodbye()
+        self.assertEqual(len([e for e in events if e["log_level"] == LogLevel.warn]), 3)

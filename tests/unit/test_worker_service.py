@@ -1,0 +1,400 @@
+"""The whole worker tree with fakes at the boundaries: bus in, kernel out, timers, start and stop order."""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.test_worker_fakes import (
+    KEY_A,
+    KEY_B,
+    FakeBus,
+    FakeKernel,
+    ManualPool,
+    SyncPool,
+    backends_for,
+    key,
+    make_config,
+)
+from wgkex.config import Config
+from wgkex.worker.http import status_site
+from wgkex.worker.pool import Backends
+from wgkex.worker.service import WATCH_INTERVAL, WorkerRoot, build_worker
+
+START = 1_700_000_000.0
+STATUS = "wireguard-worker/gw1/status"
+DATA_WELT = "wireguard-worker/gw1/ffmuc_welt/data"
+METRIC_WELT = "wireguard-metrics/ffmuc_welt/gw1/connected_peers"
+METRIC_OST = "wireguard-metrics/ffmuc_ost/gw1/connected_peers"
+
+
+class _ServiceBits:
+    """Enough of IService for a pool fake to sit in the tree; records start/stop in ``events``."""
+
+    name = "netlink-pool"
+    running = 0
+    parent: Any = None
+    events: list[tuple[Any, ...]]
+
+    def setServiceParent(self, parent: Any) -> None:
+        self.parent = parent
+        parent.addService(self)
+
+    def privilegedStartService(self) -> None:
+        pass
+
+    def startService(self) -> None:
+        self.running = 1
+        self.events.append(("pool-start",))
+
+    def stopService(self) -> Deferred[None]:
+        self.running = 0
+        self.events.append(("pool-stop",))
+        return succeed(None)
+
+
+class SyncPoolService(_ServiceBits, SyncPool):
+    def __init__(self, backends: Backends, events: list[tuple[Any, ...]]) -> None:
+        SyncPool.__init__(self, backends)
+        self.events = events
+
+
+class ManualPoolService(_ServiceBits, ManualPool):
+    def __init__(self, backends: Backends, events: list[tuple[Any, ...]]) -> None:
+        ManualPool.__init__(self, backends)
+        self.events = events
+
+
+class FakePort:
+    def __init__(self, address: str, ifindex: int, port: int) -> None:
+        self.where = (address, ifindex, port)
+        self.listening = True
+
+    def stopListening(self) -> None:
+        self.listening = False
+
+
+class WorkerTreeTests(SynchronousTestCase):
+    """build_worker + WorkerRoot with a fake bus, kernel and pool."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(START)
+        self.kernel = FakeKernel()
+        self.kernel.add_domain("welt", address="fe80::1")
+        self.kernel.add_domain("ost", address="fe80::2")
+        self.backends, self.wg, self.rtnl = backends_for(self.kernel)
+        self.bus = FakeBus()
+        self.ports: list[FakePort] = []
+        self.bind_error: OSError | None = None
+
+    def listen(self, address: str, ifindex: int, port: int, factory: object) -> FakePort:
+        if self.bind_error is not None:
+            raise self.bind_error
+        p = FakePort(address, ifindex, port)
+        self.ports.append(p)
+        return p
+
+    def build(self, config: Config | None = None, manual: bool = False) -> WorkerRoot:
+        self.config = config or make_config(metrics_interval=60, cleanup_interval=3600, peer_timeout=10800)
+        pool: Any = (ManualPoolService if manual else SyncPoolService)(self.backends, self.bus.events)
+        self.pool = pool
+        root = build_worker(
+            self.config, self.reactor, self.bus, pool, ifindex=self.kernel.ifindex, listen=self.listen
+        )
+        self.root = root
+        return root
+
+    def start(self, config: Config | None = None, manual: bool = False) -> WorkerRoot:
+        root = self.build(config, manual)
+        root.startService()
+        self.addCleanup(lambda: root.running and root.stopService())
+        return root
+
+    def listening(self) -> set[tuple[str, int, int]]:
+        return {p.where for p in self.ports if p.listening}
+
+    def test_subscribes_every_domain(self) -> None:
+        """wireguard/{domain}/+ for each configured domain at QoS 1."""
+        self.build()
+        self.assertEqual(
+            [(t, q) for t, q, _ in self.bus.subscriptions],
+            [("wireguard/ffmuc_welt/+", 1), ("wireguard/ffmuc_ost/+", 1)],
+        )
+
+    def test_build_opens_nothing(self) -> None:
+        """Building the tree starts nothing: no listener, no job, no timer."""
+        self.build()
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.assertEqual(self.pool.jobs, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.bus.events, [])
+
+    def test_start_order(self) -> None:
+        """The pool starts first, the start-up dump is its first job, MQTT starts last."""
+        self.start()
+        self.assertEqual(self.bus.events[0], ("pool-start",))
+        self.assertEqual(self.bus.events[-1], ("start",))
+        self.assertEqual(self.pool.jobs[0], "dump_keys")
+        self.assertEqual(self.reactor.tcpServers[0][0], 9101)  # worker_listen default
+
+    def test_key_from_bus_installed(self) -> None:
+        """A key published on the bus becomes peer, route and FDB entry."""
+        self.start()
+        self.bus.connect()
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+
+    def test_connect_and_reconnect_publish(self) -> None:
+        """Every (re)connect publishes status 1, the data and the counts."""
+        self.start()
+        self.bus.connect()
+        self.assertEqual(self.bus.last(STATUS), b"1")
+        self.assertEqual(json.loads(self.bus.last(DATA_WELT) or b"")["LinkAddress"], "fe80::1")
+        self.assertEqual(self.bus.last(METRIC_WELT), b"0")
+        self.bus.disconnect()
+        self.bus.published.clear()
+        self.bus.connect()
+        self.assertEqual(
+            [t for t, _, _, _ in self.bus.published],
+            [STATUS, DATA_WELT, "wireguard-worker/gw1/ffmuc_ost/data", METRIC_WELT, METRIC_OST],
+        )
+
+    def test_metrics_every_interval(self) -> None:
+        """Connected-peer counts are published every metrics_interval."""
+        self.start()
+        self.bus.connect()
+        self.wg.add_peers("wg-welt", [(KEY_A, "fe80::5/128")])
+        self.wg.handshake("wg-welt", KEY_A, self.reactor.seconds())
+        self.bus.published.clear()
+        self.reactor.advance(59)
+        self.assertIsNone(self.bus.last(METRIC_WELT))
+        self.reactor.advance(1)
+        self.assertEqual(self.bus.last(METRIC_WELT), b"1")
+
+    def test_stop_publishes_goodbye_before_disconnect(self) -> None:
+        """On stop: metric -1 per domain and status 0 are published before MQTT stops; the pool stops last."""
+        root = self.start()
+        self.bus.connect()
+        self.bus.events.clear()
+        self.successResultOf(root.stopService())
+        self.assertEqual(
+            self.bus.events,
+            [
+                ("publish", METRIC_WELT, b"-1"),
+                ("publish", METRIC_OST, b"-1"),
+                ("publish", STATUS, b"0"),
+                ("stop",),
+                ("pool-stop",),
+            ],
+        )
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stop_applies_queued_keys_before_pool_stops(self) -> None:
+        """Keys queued at stop are applied before the pool stops."""
+        root = self.start(manual=True)
+        self.pool.release()
+        self.bus.connect()
+        self.pool.release()
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_B.encode())
+        d = root.stopService()
+        self.assertNotIn(("pool-stop",), self.bus.events)
+        self.assertIn(("stop",), self.bus.events)
+        self.pool.release()
+        self.successResultOf(d)
+        self.assertEqual(self.bus.events[-1], ("pool-stop",))
+        self.assertTrue(self.kernel.has("welt", KEY_A) and self.kernel.has("welt", KEY_B))
+
+    def test_interface_recreated_reapplies_known_keys(self) -> None:
+        """wireguard-go restarted (wg-* and vx-* recreated, everything on them gone): keys come back."""
+        self.start()
+        self.bus.connect()
+        for k in (KEY_A, KEY_B):
+            self.bus.deliver("wireguard/ffmuc_welt/all", k.encode())
+        self.kernel.delete("wg-welt")
+        self.kernel.delete("vx-welt")
+        self.reactor.advance(WATCH_INTERVAL)
+        self.kernel.add_domain("welt", port=51999, address="fe80::1")
+        self.bus.published.clear()
+        self.reactor.advance(WATCH_INTERVAL)
+        self.assertTrue(self.kernel.has("welt", KEY_A) and self.kernel.has("welt", KEY_B))
+        self.assertEqual(json.loads(self.bus.last(DATA_WELT) or b"")["Port"], 51999)
+
+    def test_recreated_between_checks(self) -> None:
+        """An interface recreated between two checks (new index, same name) is noticed too."""
+        self.start()
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
+        self.kernel.delete("wg-welt")
+        self.kernel.delete("vx-welt")
+        self.kernel.add_domain("welt")
+        self.reactor.advance(WATCH_INTERVAL)
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+
+    def test_keys_for_missing_interface_land_when_it_appears(self) -> None:
+        """Keys received while the interface is missing are installed once it appears, without restart."""
+        self.kernel.delete("wg-ost")
+        self.kernel.delete("vx-ost")
+        with capturedLogs() as events:
+            self.start()
+            self.bus.deliver("wireguard/ffmuc_ost/all", KEY_A.encode())
+        self.assertTrue(any(e["log_level"] == LogLevel.warn and e.get("domain") == "ffmuc_ost" for e in events))
+        self.assertFalse(self.kernel.has("ost", KEY_A))
+        self.kernel.add_domain("ost")
+        self.reactor.advance(WATCH_INTERVAL)
+        self.assertTrue(self.kernel.has("ost", KEY_A))
+
+    def test_failed_keys_retried_with_metrics_tick(self) -> None:
+        """A key that failed for another reason is retried with the next metrics tick."""
+        self.start()
+        self.rtnl.refuse_routes.add("fe80::2a6:8fff:fe21:5465")
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
+        self.assertFalse(self.kernel.has("welt", KEY_A))
+        self.rtnl.refuse_routes.clear()
+        self.reactor.advance(60)
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+
+    def test_sweep_timer(self) -> None:
+        """Every cleanup_interval the stale peers go."""
+        self.start(make_config(cleanup_interval=100, peer_timeout=50))
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
+        self.wg.handshake("wg-welt", KEY_A, self.reactor.seconds())
+        self.reactor.advance(99)
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+        self.reactor.advance(1)
+        self.assertTrue(self.kernel.nothing_on("welt", KEY_A))
+
+    def test_connectivity_check_binds_each_domain(self) -> None:
+        """The check listens on each domain's link-local address, scoped to wg-<D>, port 80."""
+        self.start()
+        self.assertEqual(
+            self.listening(),
+            {("fe80::1", self.kernel.indexes["wg-welt"], 80), ("fe80::2", self.kernel.indexes["wg-ost"], 80)},
+        )
+
+    def test_connectivity_check_rebinds(self) -> None:
+        """A recreated interface (new index) or a new address gets a new listener; the old one closes."""
+        self.start()
+        self.kernel.delete("wg-welt")
+        self.reactor.advance(WATCH_INTERVAL)
+        self.assertEqual(self.listening(), {("fe80::2", self.kernel.indexes["wg-ost"], 80)})
+        self.kernel.add_domain("welt", address="fe80::9")
+        self.reactor.advance(WATCH_INTERVAL)
+        self.assertIn(("fe80::9", self.kernel.indexes["wg-welt"], 80), self.listening())
+        self.assertEqual(len(self.listening()), 2)
+
+    def test_connectivity_check_retries_bind(self) -> None:
+        """A failed bind is logged once and retried at every check until it works."""
+        self.bind_error = OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+        with capturedLogs() as events:
+            self.start()
+            self.reactor.advance(WATCH_INTERVAL)
+            self.reactor.advance(WATCH_INTERVAL)
+        warnings = [e for e in events if e.get("error") == "Cannot assign requested address"]
+        self.assertEqual(len(warnings), 2)  # once per domain
+        self.assertEqual(self.listening(), set())
+        self.bind_error = None
+        self.reactor.advance(WATCH_INTERVAL)
+        self.assertEqual(len(self.listening()), 2)
+
+    def test_connectivity_check_off(self) -> None:
+        """connectivity_check: false binds nothing."""
+        self.start(make_config(connectivity_check=False))
+        self.reactor.advance(WATCH_INTERVAL)
+        self.assertEqual(self.ports, [])
+
+    def test_stop_closes_connectivity_listeners(self) -> None:
+        """Stopping closes the connectivity listeners."""
+        root = self.start()
+        self.successResultOf(root.stopService())
+        self.assertEqual(self.listening(), set())
+
+    def test_worker_listen_off(self) -> None:
+        """worker_listen: off serves no /metrics."""
+        self.start(make_config(worker_listen="off"))
+        self.assertEqual(self.reactor.tcpServers, [])
+
+    def test_mqtt_connected_metric(self) -> None:
+        """The MQTT connected gauge follows the bus."""
+        self.start()
+        metrics = self.root.worker.metrics
+        self.bus.connect()
+        self.assertEqual(metrics.registry.get_sample_value("wgkex_worker_mqtt_connected"), 1)
+        self.bus.disconnect()
+        self.assertEqual(metrics.registry.get_sample_value("wgkex_worker_mqtt_connected"), 0)
+
+
+class StatusSiteTests(SynchronousTestCase):
+    """/metrics and /healthz in memory."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.kernel = FakeKernel()
+        self.kernel.add_domain("welt")
+        self.kernel.add_domain("ost")
+        self.backends, _, _ = backends_for(self.kernel)
+        self.bus = FakeBus(connected=True)
+        self.root = build_worker(make_config(), self.reactor, self.bus, SyncPoolService(self.backends, []),
+                                 ifindex=self.kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
+        worker = self.root.worker
+        self.treq = StubTreq(status_site(worker.metrics, worker.health).resource)
+
+    def test_metrics(self) -> None:
+        """/metrics serves the Prometheus text with the worker's counters."""
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
+        self.bus.deliver("wireguard/ffmuc_welt/all", b"junk")
+        response = self.successResultOf(self.treq.get("http://worker/metrics"))
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
+        body = self.successResultOf(response.text())
+        self.assertIn('wgkex_worker_keys_applied_total{domain="ffmuc_welt"} 1.0', body)
+        self.assertIn('wgkex_worker_keys_invalid_total{reason="key"} 1.0', body)
+        self.assertIn("wgkex_worker_apply_seconds_bucket", body)
+        self.assertIn("wgkex_worker_batch_size_bucket", body)
+        self.assertIn("wgkex_worker_sweep_seconds_bucket", body)
+
+    def test_healthz(self) -> None:
+        """/healthz answers 200 with a JSON body."""
+        response = self.successResultOf(self.treq.get("http://worker/healthz"))
+        self.assertEqual(response.code, 200)
+        body = json.loads(self.successResultOf(response.text()))
+        self.assertEqual(body, {"status": "ok", "mqtt_connected": True, "pending_keys": 0})
+
+    def test_unknown_path(self) -> None:
+        """Other paths are 404."""
+        response = self.successResultOf(self.treq.get("http://worker/nope"))
+        self.assertEqual(response.code, 404)
+
+
+class ManyKeysTests(SynchronousTestCase):
+    """A burst through the whole tree."""
+
+    def test_burst_coalesced(self) -> None:
+        """2,000 keys delivered while a batch is in flight cost one more batch, not 2,000."""
+        kernel = FakeKernel()
+        kernel.add_domain("welt")
+        kernel.add_domain("ost")
+        backends, wg, _ = backends_for(kernel)
+        bus = FakeBus()
+        events: list[tuple[Any, ...]] = []
+        pool = ManualPoolService(backends, events)
+        root = build_worker(make_config(worker_listen="off"), MemoryReactorClock(), bus, pool,
+                            ifindex=kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
+        root.startService()
+        pool.release()
+        for n in range(2000):
+            bus.deliver("wireguard/ffmuc_welt/all", key(n).encode())
+        self.assertEqual(pool.jobs(), ["apply_batch"])
+        pool.release()
+        self.assertEqual(len([c for c in wg.calls if c[0] == "add_peers"]), 2)
+        self.assertTrue(all(kernel.has("welt", key(n)) for n in range(2000)))
+        d = root.stopService()
+        pool.release()
+        self.successResultOf(d)

@@ -1,0 +1,189 @@
+"""Stale-peer sweeps: the rules (handshake age, first-seen age, keep list) and their effect."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.test_worker_fakes import (
+    KEY_A,
+    KEY_B,
+    FakeKernel,
+    ManualPool,
+    SyncPool,
+    backends_for,
+    key,
+    make_config,
+)
+from wgkex.worker.backend import PeerInfo
+from wgkex.worker.known import KnownKeys
+from wgkex.worker.metrics import WorkerMetrics
+from wgkex.worker.peers import KeyApplier
+from wgkex.worker.sweep import Sweeper, stale_keys
+
+TIMEOUT = 3 * 3600.0
+START = 1_700_000_000.0
+
+
+class StaleKeysTests(SynchronousTestCase):
+    """The pure decision."""
+
+    def test_old_handshake_stale(self) -> None:
+        """A handshake older than the timeout is stale; one within it is not."""
+        now = START + 10 * TIMEOUT
+        peers = [PeerInfo(KEY_A, now - TIMEOUT - 1), PeerInfo(KEY_B, now - TIMEOUT + 1)]
+        self.assertEqual(stale_keys(peers, {}, frozenset(), now, TIMEOUT), ([KEY_A], []))
+
+    def test_never_handshaked(self) -> None:
+        """Never-handshaked: stale only when known longer than the timeout; unknown ones are reported unseen."""
+        now = START + 10 * TIMEOUT
+        peers = [PeerInfo(KEY_A, None), PeerInfo(KEY_B, None), PeerInfo(key(1), None)]
+        first_seen = {KEY_A: now - TIMEOUT - 1, KEY_B: now - 60}
+        self.assertEqual(stale_keys(peers, first_seen, frozenset(), now, TIMEOUT), ([KEY_A], [key(1)]))
+
+    def test_zero_handshake_means_never(self) -> None:
+        """A handshake time of 0 (WireGuard's 'never') counts as never, not as 1970."""
+        now = START
+        self.assertEqual(stale_keys([PeerInfo(KEY_A, 0)], {KEY_A: now - 5}, frozenset(), now, TIMEOUT), ([], []))
+
+    def test_keep_list(self) -> None:
+        """Keys on the keep list are never stale."""
+        now = START + 10 * TIMEOUT
+        peers = [PeerInfo(KEY_A, 1.0), PeerInfo(KEY_B, None)]
+        self.assertEqual(stale_keys(peers, {KEY_B: 0.0}, frozenset({KEY_A, KEY_B}), now, TIMEOUT), ([], []))
+
+
+class SweeperTests(SynchronousTestCase):
+    """Sweeps with a Clock, fake backends and a synchronous pool."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.kernel = FakeKernel()
+        self.kernel.add_domain("welt")
+        self.kernel.add_domain("ost")
+        self.backends, self.wg, self.rtnl = backends_for(self.kernel)
+        self.pool = SyncPool(self.backends)
+        self.config = make_config(keep_keys=[key(99)])
+        self.metrics = WorkerMetrics(self.config.domains)
+        self.known = KnownKeys(self.config.domains)
+        self.applier = KeyApplier(self.config, self.pool, self.known, self.metrics, self.clock)
+        self.sweeper = Sweeper(self.config, self.pool, self.known, self.metrics, self.clock)
+
+    def add(self, k: str, domain: str = "ffmuc_welt") -> None:
+        self.applier.submit(domain, k)
+        self.assertTrue(self.kernel.has(domain.removeprefix("ffmuc_"), k))
+
+    def test_old_handshake_removed(self) -> None:
+        """A peer whose last handshake is older than peer_timeout loses peer, route and FDB entry."""
+        self.add(KEY_A)
+        self.add(KEY_B)
+        self.wg.handshake("wg-welt", KEY_A, self.clock.seconds() - TIMEOUT - 1)
+        self.wg.handshake("wg-welt", KEY_B, self.clock.seconds() - 10)
+        with capturedLogs() as events:
+            result = self.successResultOf(self.sweeper.sweep())
+        self.assertEqual(result["ffmuc_welt"].removed, [KEY_A])
+        self.assertTrue(self.kernel.nothing_on("welt", KEY_A))
+        self.assertTrue(self.kernel.has("welt", KEY_B))
+        self.assertIsNone(self.known.first_seen("ffmuc_welt", KEY_A))
+        summary = [e for e in events if "total" in e]
+        self.assertEqual(len(summary), 1)
+        self.assertEqual(summary[0]["total"], 1)
+        self.assertEqual(
+            self.metrics.registry.get_sample_value("wgkex_worker_swept_peers_total", {"domain": "ffmuc_welt"}), 1
+        )
+        self.assertEqual(self.metrics.registry.get_sample_value("wgkex_worker_sweep_seconds_count"), 1)
+
+    def test_fresh_never_handshaked_kept(self) -> None:
+        """A key that never shook hands and is younger than peer_timeout stays."""
+        self.add(KEY_A)
+        self.clock.advance(TIMEOUT - 1)
+        result = self.successResultOf(self.sweeper.sweep())
+        self.assertEqual(result["ffmuc_welt"].removed, [])
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+
+    def test_old_never_handshaked_removed(self) -> None:
+        """A key that never shook hands is removed once known longer than peer_timeout."""
+        self.add(KEY_A)
+        self.clock.advance(TIMEOUT + 1)
+        self.successResultOf(self.sweeper.sweep())
+        self.assertTrue(self.kernel.nothing_on("welt", KEY_A))
+
+    def test_keep_list_honoured(self) -> None:
+        """A key on keep_keys survives with an ancient handshake and with none."""
+        self.add(key(99))
+        self.add(key(99), "ffmuc_ost")
+        self.wg.handshake("wg-welt", key(99), 1.0)
+        self.clock.advance(10 * TIMEOUT)
+        self.successResultOf(self.sweeper.sweep())
+        self.assertTrue(self.kernel.has("welt", key(99)))
+        self.assertTrue(self.kernel.has("ost", key(99)))
+
+    def test_restart_does_not_sweep_fresh_keys(self) -> None:
+        """Peers found at start-up count as first seen at that dump, not as ancient."""
+        self.add(KEY_A)
+        # A new worker process: empty memory, the peer is already on the interface.
+        known = KnownKeys(self.config.domains)
+        sweeper = Sweeper(self.config, self.pool, known, self.metrics, self.clock)
+        self.clock.advance(TIMEOUT - 10)
+        self.successResultOf(sweeper.seed())
+        self.clock.advance(TIMEOUT - 10)
+        self.successResultOf(sweeper.sweep())
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+        self.clock.advance(20)
+        self.successResultOf(sweeper.sweep())
+        self.assertTrue(self.kernel.nothing_on("welt", KEY_A))
+
+    def test_unknown_peer_gets_first_seen(self) -> None:
+        """A never-handshaked peer the worker never saw is kept and remembered from this sweep on."""
+        self.wg.add_peers("wg-welt", [(KEY_A, "fe80::1/128")])
+        self.clock.advance(10 * TIMEOUT)
+        self.successResultOf(self.sweeper.sweep())
+        self.assertIn(KEY_A, self.kernel.peers["wg-welt"])
+        self.assertEqual(self.known.first_seen("ffmuc_welt", KEY_A), self.clock.seconds())
+        self.clock.advance(TIMEOUT + 1)
+        self.successResultOf(self.sweeper.sweep())
+        self.assertNotIn(KEY_A, self.kernel.peers["wg-welt"])
+
+    def test_missing_interface_other_domain_swept(self) -> None:
+        """A missing interface is logged and counted; the other domain is still swept."""
+        self.add(KEY_A)
+        self.kernel.delete("wg-ost")
+        self.clock.advance(TIMEOUT + 1)
+        with capturedLogs() as events:
+            result = self.successResultOf(self.sweeper.sweep())
+        self.assertEqual(result["ffmuc_welt"].removed, [KEY_A])
+        self.assertIsNotNone(result["ffmuc_ost"].error)
+        self.assertTrue(any(e["log_level"] == LogLevel.error and e.get("domain") == "ffmuc_ost" for e in events))
+        self.assertEqual(
+            self.metrics.registry.get_sample_value("wgkex_worker_sweep_errors_total", {"domain": "ffmuc_ost"}), 1
+        )
+
+    def test_key_received_during_sweep_stays_known(self) -> None:
+        """A key that arrives again while a sweep runs is re-added after it and stays remembered."""
+        pool = ManualPool(self.backends)
+        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        sweeper = Sweeper(self.config, pool, self.known, self.metrics, self.clock)
+        applier.submit("ffmuc_welt", KEY_A)
+        pool.release()
+        self.clock.advance(TIMEOUT + 1)
+        d = sweeper.sweep()
+        applier.submit("ffmuc_welt", KEY_A)
+        pool.release()
+        self.successResultOf(d)
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+        self.assertIsNotNone(self.known.first_seen("ffmuc_welt", KEY_A))
+
+    def test_one_sweep_at_a_time(self) -> None:
+        """A sweep requested while one runs does not start a second job."""
+        pool = ManualPool(self.backends)
+        sweeper = Sweeper(self.config, pool, self.known, self.metrics, self.clock)
+        first = sweeper.sweep()
+        second = sweeper.sweep()
+        self.assertEqual(pool.jobs(), ["sweep_stale"])
+        pool.release()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        sweeper.sweep()
+        self.assertEqual(pool.jobs(), ["sweep_stale"])
