@@ -64,8 +64,8 @@ class RouterFlowTests(LabTestCase):
         self.assertTrue(gw.has_router(router.public_key))
         self.assert_tunnel_works(lab, router)
         peer = gw.peers()[router.public_key]
-        self.assertGreater(peer["rx"], 0)
-        self.assertGreater(peer["tx"], 0)
+        self.assertGreater(peer.rx_bytes, 0)
+        self.assertGreater(peer.tx_bytes, 0)
 
     def test_down_removes_everything(self) -> None:
         """down stops every process the lab started and removes its namespaces and state directory."""

@@ -14,7 +14,7 @@ benchmarks; their signatures are kept stable):
 - :mod:`wgkex.lab.wggo` -- :class:`~wgkex.lab.wggo.WireGuardGo`: a wireguard-go
   daemon in a namespace with a private ``/run/wireguard``
   (``.uapi_socket``, ``.enter_argv()``, ``.wg()``, ``.configure()``,
-  ``.add_peer()``, ``.peers()``); :func:`~wgkex.lab.wggo.genkey`,
+  ``.add_peer()``, ``.peers()`` -> :class:`~wgkex.lab.wggo.WgPeer`); :func:`~wgkex.lab.wggo.genkey`,
   :func:`~wgkex.lab.wggo.pubkey`.
 - :mod:`wgkex.lab.mosquitto` -- :class:`~wgkex.lab.mosquitto.Mosquitto` with a
   TCP port on 127.0.0.1 and a unix socket for processes inside namespaces.

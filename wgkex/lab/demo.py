@@ -91,7 +91,7 @@ def run_demo(keep: bool, out: TextIO = sys.stdout, lab_id: str = "demo") -> int:
         lab.wait_installed(chosen, router.public_key)
         n.line(f"(peer, route and FDB entry present {1000 * (time.monotonic() - t_post):.0f} ms after the POST)")
         peer = chosen.peers()[router.public_key]
-        n.line(f"peer   {router.public_key} on {chosen.wg_iface}, allowed ips {', '.join(peer['allowed_ips'])}")  # type: ignore[arg-type]
+        n.line(f"peer   {router.public_key} on {chosen.wg_iface}, allowed ips {', '.join(peer.allowed_ips)}")
         for r in chosen.routes():
             if r.endswith("/128"):
                 n.line(f"route  {r} dev {chosen.wg_iface}")
@@ -116,7 +116,7 @@ def run_demo(keep: bool, out: TextIO = sys.stdout, lab_id: str = "demo") -> int:
         p_vx = router.ping_vxlan(count=3)
         n.line(f"ping fe80::1%{VX_IFACE} (VXLAN over WireGuard): {p_vx.summary()}")
         peer = chosen.peers()[router.public_key]
-        n.line(f"gateway counters for the router: {peer['rx']} bytes received, {peer['tx']} bytes sent")
+        n.line(f"gateway counters for the router: {peer.rx_bytes} bytes received, {peer.tx_bytes} bytes sent")
         ok = (check.get("status") == 200 and p_wg.ok and p_vx.ok and gw_age is not None and r_age is not None)
 
         n.head("What the broker shows")

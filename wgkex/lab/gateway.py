@@ -26,7 +26,7 @@ from wgkex.lab.configs import worker_config, write_config
 from wgkex.lab.netns import Namespace, add_address, add_veth, add_vxlan, fdb_entries, routes
 from wgkex.lab.proc import LabError, Proc, spawn
 from wgkex.lab.state import Ledger
-from wgkex.lab.wggo import WireGuardGo, genkey
+from wgkex.lab.wggo import WgPeer, WireGuardGo, genkey
 
 #: The gateway's WireGuard port (each gateway has its own namespace, so all can use it).
 LISTEN_PORT = 51820
@@ -140,7 +140,7 @@ class Gateway:
 
     # -- what the worker did ------------------------------------------------------------------
 
-    def peers(self) -> dict[str, dict[str, object]]:
+    def peers(self) -> dict[str, WgPeer]:
         """The WireGuard peers of wg-<D> (``wg show dump``)."""
         return self.wg.peers()
 
@@ -155,16 +155,14 @@ class Gateway:
     def has_router(self, public_key: str) -> bool:
         """True when the worker installed all three things for ``public_key``: peer, route, FDB."""
         ll = ipaddress.ip_address(lladdr(public_key))
+        host = ipaddress.ip_network(f"{ll}/128")
         peer = self.peers().get(public_key)
-        if peer is None or f"{ll}/128" not in peer["allowed_ips"]:  # type: ignore[operator]
+        if peer is None or host not in {ipaddress.ip_network(a) for a in peer.allowed_ips}:
             return False
-        if not any(r.split("/")[0] and ipaddress.ip_address(r.split("/")[0]) == ll and r.endswith("/128")
-                   for r in self.routes()):
+        if host not in {ipaddress.ip_network(r) for r in self.routes()}:
             return False
-        return any(
-            e.get("mac") == "00:00:00:00:00:00" and "dst" in e and ipaddress.ip_address(e["dst"]) == ll
-            for e in self.fdb()
-        )
+        return any(e.get("mac") == "00:00:00:00:00:00" and ipaddress.ip_address(e.get("dst", "::")) == ll
+                   for e in self.fdb())
 
     def info(self) -> dict[str, Any]:
         """What ``status`` and the demo show of this gateway."""

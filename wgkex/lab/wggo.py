@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from wgkex.keys import lladdr
 from wgkex.lab.netns import Namespace, add_address
@@ -63,6 +64,19 @@ def ensure_socket_dir() -> bool:
         return False
     os.makedirs(SOCKET_DIR, mode=0o755, exist_ok=True)
     return True
+
+
+@dataclass(frozen=True)
+class WgPeer:
+    """One peer as ``wg show dump`` reports it."""
+
+    public_key: str
+    endpoint: str | None
+    allowed_ips: tuple[str, ...]
+    #: Unix time of the latest handshake, 0 for none.
+    latest_handshake: int
+    rx_bytes: int
+    tx_bytes: int
 
 
 class WireGuardGo:
@@ -163,28 +177,27 @@ class WireGuardGo:
     def listen_port(self) -> int:
         return int(self.wg("show", self.iface, "listen-port").strip())
 
-    def peers(self) -> dict[str, dict[str, object]]:
-        """Peers by public key: ``endpoint``, ``allowed_ips``, ``latest_handshake`` (unix time or 0),
-        ``rx``/``tx`` bytes, from ``wg show IFACE dump``."""
-        lines = self.wg("show", self.iface, "dump").splitlines()[1:]
-        out: dict[str, dict[str, object]] = {}
-        for line in lines:
+    def peers(self) -> dict[str, WgPeer]:
+        """Peers by public key, from ``wg show IFACE dump``."""
+        out: dict[str, WgPeer] = {}
+        for line in self.wg("show", self.iface, "dump").splitlines()[1:]:
             f = line.split("\t")
-            out[f[0]] = {
-                "endpoint": None if f[2] == "(none)" else f[2],
-                "allowed_ips": [] if f[3] == "(none)" else f[3].split(","),
-                "latest_handshake": int(f[4]),
-                "rx": int(f[5]),
-                "tx": int(f[6]),
-            }
+            out[f[0]] = WgPeer(
+                public_key=f[0],
+                endpoint=None if f[2] == "(none)" else f[2],
+                allowed_ips=() if f[3] == "(none)" else tuple(f[3].split(",")),
+                latest_handshake=int(f[4]),
+                rx_bytes=int(f[5]),
+                tx_bytes=int(f[6]),
+            )
         return out
 
     def handshake_age(self, public_key: str) -> float | None:
         """Seconds since the last handshake with ``public_key``; None if none happened (or no such peer)."""
         peer = self.peers().get(public_key)
-        if not peer or not peer["latest_handshake"]:
+        if peer is None or not peer.latest_handshake:
             return None
-        return max(0.0, time.time() - float(peer["latest_handshake"]))  # type: ignore[arg-type]
+        return max(0.0, time.time() - peer.latest_handshake)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the daemon (its interface, and any VXLAN on it, disappear)."""
