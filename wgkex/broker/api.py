@@ -183,7 +183,7 @@ class BrokerApi:
 
     def resource(self) -> IResource:
         """The root resource: Klein's, behind a guard that turns undecodable URLs into JSON 400s."""
-        return _GuardedResource(self.app, self._undecodable)
+        return _GuardedResource(self.app, self._unroutable)
 
     # -- replies -------------------------------------------------------------------------
 
@@ -304,7 +304,7 @@ class BrokerApi:
     def _lost(self, failure: Failure, key: str, domain: str) -> None:
         self.log.failure("Queued key {key} for domain {domain} was not published", failure, key=key, domain=domain)
 
-    def _bounded(self, d: Deferred[object], key: str, domain: str) -> Deferred[bytes]:
+    def _bounded(self, d: Deferred[None], key: str, domain: str) -> Deferred[bytes]:
         """A Deferred that fires when ``d`` does or after the publish timeout, whichever is first.
 
         The publish itself is never cancelled: on timeout it stays queued in the MQTT client.
@@ -387,22 +387,34 @@ class BrokerApi:
                          method=request.method, path=request.path)
         return self._reply(request, "other", 500, error_body("internal error; the broker logged the details"), None)
 
-    def _undecodable(self, request: IRequest) -> bytes:
-        return self._reply(request, "other", 400, error_body("the URL or Host header is not UTF-8"), None)
+    def _unroutable(self, request: IRequest, failure: Failure | None) -> bytes:
+        """A URL or Host header Klein cannot even route (not UTF-8, not a host name)."""
+        if failure is not None and failure.check(HTTPException):
+            return self._http_error(request, failure)
+        if failure is not None:
+            self.log.failure("Cannot route {method} {path}", failure, method=request.method, path=request.path)
+        return self._reply(request, "other", 400, error_body("the URL or Host header cannot be parsed"), None)
 
 
 class _GuardedResource(KleinResource):
-    """Klein's resource, but a URL or Host that is not UTF-8 gets a JSON 400 (not Klein's HTML)."""
+    """Klein's resource, but a URL or Host it cannot route gets a JSON 400 (not HTML or a 500).
 
-    def __init__(self, app: Klein, undecodable: Callable[[IRequest], bytes]) -> None:
+    Klein decodes the URL and binds werkzeug's router to the Host header before any
+    error handler is in place; a bad Host raises werkzeug's ``BadHost`` straight out.
+    """
+
+    def __init__(self, app: Klein, unroutable: Callable[[IRequest, Failure | None], bytes]) -> None:
         super().__init__(app)
-        self._undecodable = undecodable
+        self._unroutable = unroutable
 
     def render(self, request: IRequest) -> Any:
         try:
             request.getRequestHostname().decode("utf-8")
-            for segment in (request.prepath or []) + (request.postpath or []):  # type: ignore[attr-defined]
+            for segment in (request.prepath or []) + (request.postpath or []):
                 segment.decode("utf-8")
         except UnicodeDecodeError:
-            return self._undecodable(request)
-        return super().render(request)
+            return self._unroutable(request, None)
+        try:
+            return super().render(request)
+        except Exception:
+            return self._unroutable(request, Failure())

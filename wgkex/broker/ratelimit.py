@@ -66,8 +66,8 @@ class RateLimiter:
 
     def _prune(self, now: float) -> None:
         """Drop buckets that are full again; if that frees nothing, drop the oldest half."""
-        full_after = self.burst / self.rate
-        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+        burst, rate = self.burst, self.rate
+        self._buckets = {k: v for k, v in self._buckets.items() if v[0] + (now - v[1]) * rate < burst}
         if len(self._buckets) >= self._max_entries:
             ordered = sorted(self._buckets.items(), key=lambda kv: kv[1][1])
             self._buckets = dict(ordered[len(ordered) // 2:])

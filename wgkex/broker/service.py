@@ -24,12 +24,12 @@ import gc
 import signal
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
@@ -94,13 +94,23 @@ class HttpListener(Service):
         return d
 
 
+class _StoppableReactor(Protocol):
+    running: bool
+
+    def callWhenRunning(self, f: Callable[..., object], *args: object) -> object: ...
+
+    def callFromThread(self, f: Callable[..., object], *args: object) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class SigtermExit(Service):
     """Stops the reactor on SIGTERM without the re-raise twistd does, so the exit status is 0."""
 
     name = "sigterm"
     log = Logger()
 
-    def __init__(self, reactor: IReactorCore, signals: Any = signal) -> None:
+    def __init__(self, reactor: _StoppableReactor, signals: Any = signal) -> None:
         self._reactor = reactor
         self._signals = signals
         self._previous: Any = None
@@ -118,11 +128,11 @@ class SigtermExit(Service):
         self._installed = True
 
     def _terminate(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(self._stop)  # type: ignore[attr-defined]
+        self._reactor.callFromThread(self._stop)
 
     def _stop(self) -> None:
         self.log.info("Received SIGTERM, shutting down.")
-        if self._reactor.running:  # type: ignore[attr-defined]
+        if self._reactor.running:
             self._reactor.stop()
 
     def stopService(self) -> None:
@@ -156,7 +166,7 @@ class BrokerService(MultiService):
         self.lists = KeyLists(b.key_blocklist, b.key_allowlist)
         self.limiter = RateLimiter(b.rate_limit, b.rate_burst, clock)
         self.api = BrokerApi(config, self.mqtt, self.picture, self.lists, self.limiter, self.metrics, clock)
-        self.site = make_site(self.api.resource(), b.max_body_size, on_too_large=self._too_large)
+        self.site = make_site(self.api.resource(), b.max_body_size, reactor, on_too_large=self._too_large)
         self.http = HttpListener(reactor, with_backlog(b.listen, b.backlog), self.site)
 
         LoggingService(config.log_level, config.logging_config).setServiceParent(self)

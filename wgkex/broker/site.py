@@ -19,6 +19,9 @@ client has not sent the body yet.
 
 Form bodies are not parsed into ``request.args`` (Gluon sends JSON labelled
 ``application/x-www-form-urlencoded``): resources read ``request.content``.
+Requests that twisted.web's parser itself rejects (a NUL in a header, broken
+chunking, too many headers) get a JSON 400 too, from :class:`JsonErrorChannel`
+(plain HTTP/1.1: routers never speak HTTP/2).
 """
 
 from __future__ import annotations
@@ -36,19 +39,36 @@ from zope.interface import implementer
 DISCARD_LIMIT = 16 * 1024 * 1024
 
 
-def too_large_reply(limit: int) -> bytes:
-    """The complete HTTP/1.1 413 response, bytes on the wire."""
-    body = json.dumps(
-        {"error": {"message": f"request body is larger than {limit} bytes; send only the JSON object"}}
-    ).encode("ascii")
+def _raw_reply(status: str, message: str) -> bytes:
+    """A complete HTTP/1.1 JSON error response that closes the connection, bytes on the wire."""
+    body = json.dumps({"error": {"message": message}}).encode("ascii")
     head = (
-        "HTTP/1.1 413 Request Entity Too Large\r\n"
+        f"HTTP/1.1 {status}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n"
         "\r\n"
     ).encode("ascii")
     return head + body
+
+
+def too_large_reply(limit: int) -> bytes:
+    """The 413 sent as soon as a body is known to be over ``limit``."""
+    return _raw_reply(
+        "413 Request Entity Too Large", f"request body is larger than {limit} bytes; send only the JSON object"
+    )
+
+
+BAD_REQUEST_REPLY = _raw_reply("400 Bad Request", "malformed HTTP request (request line, headers or chunking)")
+
+
+class JsonErrorChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel whose own protocol-error replies are JSON like every other error."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        transport: Any = self.transport
+        transport.write(BAD_REQUEST_REPLY)
+        self.loseConnection()
 
 
 class LimitedRequest(server.Request):
@@ -70,8 +90,11 @@ class LimitedRequest(server.Request):
         self._received = 0
         self._refused = False
 
+    def _transport(self) -> Any:
+        return self.channel.transport
+
     def gotLength(self, length: int | None) -> None:
-        self.content = io.BytesIO()
+        self.content = self._body = io.BytesIO()
         if length is not None and length > self._max_body:
             expecting = self.requestHeaders.getRawHeaders(b"Expect")
             if expecting and expecting[0].lower() == b"100-continue":
@@ -87,13 +110,13 @@ class LimitedRequest(server.Request):
         if self._refused:
             self._received += len(data)
             if self._received > self._discard_limit:
-                self.channel.transport.abortConnection()
+                self._transport().abortConnection()
             return
         self._received += len(data)
         if self._received > self._max_body:
             self._refuse()
             return
-        self.content.write(data)
+        self._body.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
@@ -104,8 +127,8 @@ class LimitedRequest(server.Request):
 
     def _refuse(self) -> None:
         self._refused = True
-        self.content = io.BytesIO()
-        self.channel.transport.write(too_large_reply(self._max_body))
+        self.content = self._body = io.BytesIO()
+        self._transport().write(too_large_reply(self._max_body))
         if self._on_too_large is not None:
             self._on_too_large(getattr(self.channel, "_path", b""))
 
@@ -130,23 +153,33 @@ class LimitedRequestFactory:
         )
 
 
+class BrokerSite(server.Site):
+    """A Site speaking plain HTTP/1.1 with JSON protocol errors, and without an access log.
+
+    One access log line per request at thousands of requests per second helps
+    nobody; the metrics count requests by endpoint and status instead.
+    """
+
+    protocol = JsonErrorChannel  # type: ignore[assignment]
+    displayTracebacks = False
+
+    def log(self, request: object) -> None:
+        pass
+
+
 def make_site(
     resource: IResource,
     max_body: int,
+    reactor: Any = None,
     on_too_large: Callable[[bytes], None] | None = None,
     discard_limit: int = DISCARD_LIMIT,
     timeout: float = 60.0,
 ) -> server.Site:
-    """The broker's site: limited bodies, no form parsing, no tracebacks, no access log."""
-    site = server.Site(
+    """The broker's site: limited bodies in memory, no form parsing, JSON protocol errors."""
+    return BrokerSite(
         resource,
         requestFactory=LimitedRequestFactory(max_body, discard_limit, on_too_large),
         parsePOSTFormSubmission=False,
         timeout=timeout,
-        # One line per request at thousands of requests per second helps nobody;
-        # the metrics count requests by endpoint and status.
-        logPath=None,
+        reactor=reactor,
     )
-    site.displayTracebacks = False
-    site.log = lambda request: None  # type: ignore[method-assign]
-    return site
