@@ -271,6 +271,7 @@ class FdbTests(RtnlTestCase):
         """A missing VXLAN or WireGuard interface fails every address, naming the missing one."""
         self.assertEqual(self.rtnl.append_fdb("vx-b", "wg-a", A[:1]), {A[0]: "interface vx-b missing"})
         self.assertEqual(self.rtnl.append_fdb("vx-a", "wg-b", A[:1]), {A[0]: "interface wg-b missing"})
+        self.assertEqual(self.rtnl.append_fdb("vx-b", "wg-b", A[:1]), {A[0]: "interfaces vx-b and wg-b missing"})
 
     def test_recreated_wireguard_interface(self) -> None:
         """A stale via index (EADDRNOTAVAIL from the vxlan driver) triggers a fresh lookup."""

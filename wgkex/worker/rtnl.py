@@ -364,15 +364,20 @@ class PyrouteRtnl:
         for attempt in (1, 2):
             if not todo:
                 break
-            indexes: list[int] = []
-            for name in ifaces:
-                index = self._ifindex(name)
-                if index is None:
-                    if not missing_is_absent:
-                        for address, _ in todo:
-                            failures[address] = f"interface {name} missing"
-                    return failures
-                indexes.append(index)
+            found = [self._ifindex(name) for name in ifaces]
+            if None in found and len(ifaces) > 1:
+                # the cached indexes of the others may be stale as well: ask again
+                for name in ifaces:
+                    self._indexes.pop(name, None)
+                found = [self._ifindex(name) for name in ifaces]
+            missing = [name for name, index in zip(ifaces, found) if index is None]
+            if missing:
+                if not missing_is_absent:
+                    reason = f"interface{'s' if len(missing) > 1 else ''} {' and '.join(missing)} missing"
+                    for address, _ in todo:
+                        failures[address] = reason
+                return failures
+            indexes = [index for index in found if index is not None]
             codes = self._transact([build(packed, indexes) for _, packed in todo])
             stale: list[tuple[str, bytes]] = []
             for (address, packed), code in zip(todo, codes):
