@@ -378,3 +378,21 @@ class SocketTests(KernelTestCase):
                 wg.peers(IFACE)
         self.assertIn("modprobe wireguard", str(raised.exception))
         self.assertEqual(len(attempts), 2)
+
+    def test_module_unloaded_under_an_open_socket(self) -> None:
+        """ENOENT from an open socket (family gone) is KernelModuleMissing; the next call opens a new socket."""
+        self.wg.peers(IFACE)
+        self.kernel.devices.clear()
+        self.kernel.not_wireguard.clear()
+        original = self.kernel._device
+
+        def family_gone(name: str) -> dict[str, Any]:
+            raise NetlinkError(errno.ENOENT, "No such file or directory")
+
+        self.kernel._device = family_gone  # type: ignore[method-assign]
+        with self.assertRaises(KernelModuleMissing):
+            self.wg.add_peers(IFACE, [(KEYS[0], "fe80::1/128")])
+        self.assertTrue(self.kernel.closed)
+        self.kernel._device = original  # type: ignore[method-assign]
+        self.assertRaises(InterfaceMissing, self.wg.peers, IFACE)
+        self.assertEqual(len(self.opened), 2)

@@ -317,15 +317,20 @@ class KernelWireGuard:
             " (peers change too fast); try again"
         )
 
-    @staticmethod
-    def _raise_for_interface(iface: str, code: int) -> None:
+    def _raise_for_interface(self, iface: str, code: int) -> None:
+        """Raise the exception an errno about the interface (or the family) stands for."""
         if code == errno.ENODEV:
             raise InterfaceMissing(f"{iface} missing: no such network interface")
         if code == errno.EOPNOTSUPP:
             raise BackendError(f"{iface} is not a WireGuard interface")
         if code == errno.ENOENT:
-            # The generic netlink family vanished (module unloaded) under an open socket.
-            raise KernelModuleMissing(f"{iface}: the kernel's WireGuard netlink family is gone (module unloaded?)")
+            # The generic netlink family vanished (module unloaded) under an open socket:
+            # open a new one next time, which finds the family if the module is back.
+            self._reset()
+            raise KernelModuleMissing(
+                f"{iface}: the kernel's WireGuard netlink family is gone (module unloaded?);"
+                " `modprobe wireguard`, or use the uapi backend"
+            )
 
 
 def _check_key(key: str) -> None:

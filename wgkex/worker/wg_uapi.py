@@ -26,6 +26,10 @@ means nothing was applied; a plain :class:`~wgkex.worker.backend.BackendError`
 means the state is unknown, and since every operation here is idempotent the
 caller may simply retry the whole batch later.
 
+The UAPI reports the private key but not the public key: the public key is
+derived with X25519 (the ``cryptography`` package, which Twisted's TLS extra,
+required by treq, already brings).
+
 Everything here blocks; it runs in the worker's thread pool.
 """
 
