@@ -18,7 +18,15 @@ import socket
 import struct
 from typing import Any
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_MULTI, NLM_F_REPLACE, NLM_F_REQUEST
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_MULTI,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+)
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
@@ -65,7 +73,8 @@ class FakeIPRoute:
         out = []
         for index, address, flags in self.addresses:
             msg = ifaddrmsg()
-            msg["family"], msg["prefixlen"], msg["flags"], msg["scope"], msg["index"] = family, 64, flags & 0xFF, 253, index
+            msg["family"], msg["prefixlen"], msg["flags"] = family, 64, flags & 0xFF
+            msg["scope"], msg["index"] = 253, index
             msg["attrs"] = [["IFA_ADDRESS", address], ["IFA_FLAGS", flags]]
             msg.encode()
             parsed = ifaddrmsg(msg.data)
@@ -95,7 +104,8 @@ class FakeIPRoute:
                 if self.ack_capacity is not None and acks >= self.ack_capacity:
                     self._overflowed = True  # the kernel drops the ack and flags the socket
                 else:
-                    self._queue.append(HEADER.pack(36, NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", -code) + data[offset : offset + 16])
+                    ack = HEADER.pack(36, NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", -code) + data[offset : offset + 16]
+                    self._queue.append(ack)
                     acks += 1
             offset += (length + 3) & ~3
         return len(data)

@@ -125,9 +125,10 @@ def route_payload(address: bytes, ifindex: int, *, delete: bool = False) -> byte
     matches any protocol (like ``ip route del``).
     """
     if delete:
-        header = _RTMSG.pack(socket.AF_INET6, 128, 0, 0, RT_TABLE_MAIN, RTPROT_UNSPEC, RT_SCOPE_NOWHERE, RTN_UNSPEC, 0)
+        protocol, scope, kind = RTPROT_UNSPEC, RT_SCOPE_NOWHERE, RTN_UNSPEC
     else:
-        header = _RTMSG.pack(socket.AF_INET6, 128, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+        protocol, scope, kind = RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST
+    header = _RTMSG.pack(socket.AF_INET6, 128, 0, 0, RT_TABLE_MAIN, protocol, scope, kind, 0)
     return header + _attr(RTA_DST, address) + _attr(RTA_OIF, _U32.pack(ifindex))
 
 
@@ -149,6 +150,20 @@ def fdb_payload(
     if vni is not None:
         payload += _attr(NDA_VNI, vni)
     return payload
+
+
+def _route_replace(address: bytes, indexes: list[int]) -> tuple[int, int, bytes]:
+    return RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, route_payload(address, indexes[0])
+
+
+def _route_delete(address: bytes, indexes: list[int]) -> tuple[int, int, bytes]:
+    return RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, route_payload(address, indexes[0], delete=True)
+
+
+def _fdb_append(address: bytes, indexes: list[int]) -> tuple[int, int, bytes]:
+    vx_index, wg_index = indexes
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND
+    return RTM_NEWNEIGH, flags, fdb_payload(vx_index, address, wg_index)
 
 
 def _pack_address(address: str) -> bytes:
@@ -202,14 +217,7 @@ class PyrouteRtnl:
     def replace_routes(self, iface: str, addresses: Sequence[str]) -> dict[str, str]:
         """``ip -6 route replace ADDR/128 dev IFACE`` for each address; failures addr -> reason."""
         with self._lock:
-            return self._per_address(
-                (iface,),
-                addresses,
-                lambda packed, idx: (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-                                     route_payload(packed, idx[0])),
-                "route replace",
-                stale_codes=(errno.ENODEV,),
-            )
+            return self._per_address((iface,), addresses, _route_replace, "route replace", stale_codes=(errno.ENODEV,))
 
     def append_fdb(self, vx_iface: str, wg_iface: str, addresses: Sequence[str]) -> dict[str, str]:
         """``bridge fdb append 00:00:00:00:00:00 dst ADDR via WG dev VX``; failures addr -> reason."""
@@ -217,8 +225,7 @@ class PyrouteRtnl:
             return self._per_address(
                 (vx_iface, wg_iface),
                 addresses,
-                lambda packed, idx: (RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
-                                     fdb_payload(idx[0], packed, idx[1])),
+                _fdb_append,
                 "fdb append",
                 # the vxlan driver answers EADDRNOTAVAIL for an unknown NDA_IFINDEX
                 stale_codes=(errno.ENODEV, errno.EADDRNOTAVAIL),
@@ -230,7 +237,7 @@ class PyrouteRtnl:
             failures = self._per_address(
                 (iface,),
                 addresses,
-                lambda packed, idx: (RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, route_payload(packed, idx[0], delete=True)),
+                _route_delete,
                 "route delete",
                 stale_codes=(errno.ENODEV,),
                 absent_codes=(errno.ESRCH, errno.ENOENT),
@@ -253,6 +260,7 @@ class PyrouteRtnl:
             except ValueError as e:
                 failures[address] = str(e)
         with self._lock:
+            self._indexes.pop(vx_iface, None)  # a stale index would dump nothing: look it up afresh
             vx_index = self._ifindex(vx_iface)
             if vx_index is None or not wanted:
                 self._raise_failures(vx_iface, "delete FDB entries", failures)
@@ -278,6 +286,7 @@ class PyrouteRtnl:
         the one configured first (the kernel lists newer addresses first).
         """
         with self._lock:
+            self._indexes.pop(iface, None)  # a stale index would find no address: look it up afresh
             index = self._ifindex(iface)
             if index is None:
                 return None
@@ -328,8 +337,9 @@ class PyrouteRtnl:
         index = self._indexes.get(name)
         if index is not None:
             return index
+        ipr = self._iproute()
         try:
-            reply = self._iproute().link("get", ifname=name)
+            reply = ipr.link("get", ifname=name)
         except Exception as e:
             if getattr(e, "code", None) == errno.ENODEV:
                 return None
@@ -397,7 +407,9 @@ class PyrouteRtnl:
     def _raise_failures(iface: str, what: str, failures: dict[str, str]) -> None:
         if failures:
             example = next(iter(failures.items()))
-            raise BackendError(f"{iface}: could not {what} for {len(failures)} address(es), e.g. {example[0]}: {example[1]}")
+            raise BackendError(
+                f"{iface}: could not {what} for {len(failures)} address(es), e.g. {example[0]}: {example[1]}"
+            )
 
     # -- batched netlink --------------------------------------------------------------------
 
@@ -483,7 +495,8 @@ class PyrouteRtnl:
         for _ in range(5):
             seq = self._next_seq()
             payload = _IFINFOMSG.pack(socket.AF_BRIDGE, 0, vx_index, 0, 0)
-            self._send(ipr, _HEADER.pack(_HEADER.size + len(payload), RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + payload)
+            header = _HEADER.pack(_HEADER.size + len(payload), RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+            self._send(ipr, header + payload)
             entries: list[tuple[bytes, int | None, bytes | None, bytes | None]] = []
             interrupted = finished = False
             deadline = time.monotonic() + self.timeout
@@ -514,9 +527,8 @@ class PyrouteRtnl:
                         if attrs.get(NDA_LLADDR) != _ZERO_MAC or len(attrs.get(NDA_DST, b"")) != 16:
                             continue
                         via = attrs.get(NDA_IFINDEX)
-                        entries.append(
-                            (attrs[NDA_DST], _U32.unpack(via)[0] if via else None, attrs.get(NDA_PORT), attrs.get(NDA_VNI))
-                        )
+                        via_index = _U32.unpack(via)[0] if via else None
+                        entries.append((attrs[NDA_DST], via_index, attrs.get(NDA_PORT), attrs.get(NDA_VNI)))
             if not finished:
                 raise BackendError(f"FDB dump did not finish within {self.timeout:g} s")
             if not interrupted:
