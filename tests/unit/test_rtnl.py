@@ -50,6 +50,7 @@ class FakeIPRoute:
         self.routes: dict[str, int] = {}  # dst -> oif
         self.fdb: dict[int, set[tuple[str, int]]] = {}  # vx index -> {(dst, via)}
         self.refuse: set[str] = set()  # destinations refused with EINVAL
+        self.eexist: set[str] = set()  # FDB appends answered EEXIST (as a kernel might)
         self.ack_capacity: int | None = None  # acks that fit before ENOBUFS (per send)
         self.addresses: list[tuple[int, str, int]] = []  # (index, address, IFA_FLAGS)
         self.decoded: list[Any] = []
@@ -155,6 +156,8 @@ class FakeIPRoute:
         if dst in self.refuse:
             return errno.EINVAL
         entries = self.fdb.setdefault(msg["ifindex"], set())
+        if kind == RTM_NEWNEIGH and dst in self.eexist:
+            return errno.EEXIST
         if kind == RTM_NEWNEIGH:
             assert flags & (NLM_F_CREATE | NLM_F_APPEND) == NLM_F_CREATE | NLM_F_APPEND
             entries.add((dst, via))
@@ -275,6 +278,11 @@ class FdbTests(RtnlTestCase):
     def test_append_twice_is_harmless(self) -> None:
         """Appending existing destinations succeeds."""
         self.rtnl.append_fdb("vx-a", "wg-a", A[:2])
+        self.assertEqual(self.rtnl.append_fdb("vx-a", "wg-a", A[:2]), {})
+
+    def test_eexist_counts_as_done(self) -> None:
+        """An append answered EEXIST (the destination is there) is not a failure."""
+        self.kernel.eexist.add(A[0])
         self.assertEqual(self.rtnl.append_fdb("vx-a", "wg-a", A[:2]), {})
 
     def test_missing_vxlan_or_wireguard_interface(self) -> None:

@@ -217,7 +217,14 @@ class PyrouteRtnl:
     def replace_routes(self, iface: str, addresses: Sequence[str]) -> dict[str, str]:
         """``ip -6 route replace ADDR/128 dev IFACE`` for each address; failures addr -> reason."""
         with self._lock:
-            return self._per_address((iface,), addresses, _route_replace, "route replace", stale_codes=(errno.ENODEV,))
+            return self._per_address(
+                (iface,),
+                addresses,
+                _route_replace,
+                "route replace",
+                stale_codes=(errno.ENODEV,),
+                absent_codes=(errno.EEXIST,),  # not sent by a replace; harmless if a kernel does
+            )
 
     def append_fdb(self, vx_iface: str, wg_iface: str, addresses: Sequence[str]) -> dict[str, str]:
         """``bridge fdb append 00:00:00:00:00:00 dst ADDR via WG dev VX``; failures addr -> reason."""
@@ -229,6 +236,7 @@ class PyrouteRtnl:
                 "fdb append",
                 # the vxlan driver answers EADDRNOTAVAIL for an unknown NDA_IFINDEX
                 stale_codes=(errno.ENODEV, errno.EADDRNOTAVAIL),
+                absent_codes=(errno.EEXIST,),  # the destination is there already: what we wanted
             )
 
     def delete_routes(self, iface: str, addresses: Sequence[str]) -> None:
@@ -356,7 +364,7 @@ class PyrouteRtnl:
         what: str,
         *,
         stale_codes: tuple[int, ...],
-        absent_codes: tuple[int, ...] = (),
+        absent_codes: tuple[int, ...] = (),  # errnos that count as success
         missing_is_absent: bool = False,
     ) -> dict[str, str]:
         """Send one message per address; failures addr -> reason.
