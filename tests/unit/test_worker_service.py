@@ -321,6 +321,30 @@ class WorkerTreeTests(SynchronousTestCase):
         self.start(make_config(worker_listen="off"))
         self.assertEqual(self.reactor.tcpServers, [])
 
+    def test_support_services_first_and_last(self) -> None:
+        """Support services (logging, SIGTERM) start before everything and stop after everything."""
+        from twisted.application.service import Service
+
+        events = self.bus.events
+
+        class Support(Service):
+            def startService(self) -> None:
+                super().startService()
+                events.append(("support-start",))
+
+            def stopService(self) -> None:
+                super().stopService()
+                events.append(("support-stop",))
+
+        self.config = make_config()
+        pool = SyncPoolService(self.backends, events)
+        root = build_worker(self.config, self.reactor, self.bus, pool, ifindex=self.kernel.ifindex,
+                            listen=self.listen, support=[Support()])
+        root.startService()
+        self.assertEqual(events[:2], [("support-start",), ("pool-start",)])
+        self.successResultOf(root.stopService())
+        self.assertEqual(events[-2:], [("pool-stop",), ("support-stop",)])
+
     def test_mqtt_connected_metric(self) -> None:
         """The MQTT connected gauge follows the bus."""
         self.start()

@@ -31,7 +31,7 @@ class MakeServiceTests(SynchronousTestCase):
 
         root = tap.makeService(self.options())
         names = [s.name for s in root]  # type: ignore[attr-defined]
-        self.assertEqual(names, ["logging", "netlink-pool", "worker", "status-http", "mqtt"])
+        self.assertEqual(names, ["logging", "sigterm", "netlink-pool", "worker", "status-http", "mqtt"])
         self.assertFalse(root.running)
         mqtt = root.getServiceNamed("mqtt")  # type: ignore[attr-defined]
         self.assertIsInstance(mqtt, MqttService)

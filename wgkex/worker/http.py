@@ -40,7 +40,9 @@ _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 
 class QuietSite(Site):
-    """A Site that does not write an access log line per request."""
+    """A Site that writes no access log line per request (nor "starting factory" lines)."""
+
+    noisy = False
 
     def log(self, request: HTTPRequest) -> None:
         pass

@@ -29,7 +29,7 @@ Timers of :class:`WorkerService`:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application import strports
@@ -200,15 +200,16 @@ class WorkerRoot(MultiService):
         worker: WorkerService,
         bus: IService,
         status: IService | None = None,
-        logging: IService | None = None,
+        support: Sequence[IService] = (),
     ) -> None:
         super().__init__()
         self.pool = pool
         self.worker = worker
         self.bus = bus
         self.status = status
-        self.logging = logging
-        for child in (logging, pool, worker, status, bus):
+        #: Started first, stopped last (logging set-up, the SIGTERM handler).
+        self.support = list(support)
+        for child in (*self.support, pool, worker, status, bus):
             if child is not None:
                 child.setServiceParent(self)
 
@@ -223,10 +224,11 @@ class WorkerRoot(MultiService):
         # The pool goes last: queued keys are still being applied through it.
         worker_done.addBoth(lambda _: self.pool.stopService())
         done = DeferredList([worker_done, *others], consumeErrors=True)
-        if self.logging is not None:
-            logging = self.logging
-            done.addBoth(lambda _: logging.stopService())
-        return done  # type: ignore[return-value]
+
+        def stop_support(_: object) -> Deferred[Any]:
+            return DeferredList([maybeDeferred(s.stopService) for s in reversed(self.support)], consumeErrors=True)
+
+        return done.addBoth(stop_support)
 
 
 def build_worker(
@@ -235,17 +237,17 @@ def build_worker(
     bus: Bus,
     pool: Pool,
     *,
-    logging: IService | None = None,
+    support: Sequence[IService] = (),
     **kwargs: Any,
 ) -> WorkerRoot:
     """The whole worker tree from a config, an MQTT service and a pool (nothing started).
 
     ``bus`` and ``pool`` must also be services (``MqttService``, ``BackendPool``);
-    ``kwargs`` go to :class:`WorkerService`.
+    ``support`` services start first and stop last; ``kwargs`` go to :class:`WorkerService`.
     """
     worker = WorkerService(config, reactor, bus, pool, **kwargs)
     status = None
     if config.worker.listen is not None:
         status = strports.service(config.worker.listen, status_site(worker.metrics, worker.health), reactor=reactor)
         status.setName("status-http")
-    return WorkerRoot(pool, worker, bus, status, logging)  # type: ignore[arg-type]
+    return WorkerRoot(pool, worker, bus, status, support)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ def makeService(options: Options) -> IService:
     from wgkex.worker.pool import BackendPool
     from wgkex.worker.report import status_topic
     from wgkex.worker.service import build_worker
+    from wgkex.worker.sigterm import CleanSigterm
 
     config = options.config
     worker = config.worker
@@ -56,5 +57,5 @@ def makeService(options: Options) -> IService:
         reactor,
         bus,
         pool,
-        logging=LoggingService(config.log_level, config.logging_config),
+        support=[LoggingService(config.log_level, config.logging_config), CleanSigterm(reactor)],  # type: ignore[arg-type]
     )

@@ -1,0 +1,69 @@
+"""Exit status 0 after a clean SIGTERM shutdown.
+
+twistd stops the reactor on SIGTERM, runs the shutdown (our services publish
+their goodbye and disconnect), and then kills itself with the same signal so
+that its parent sees "terminated by SIGTERM". The contract wants a plain exit
+status 0 after a clean shutdown, so this service replaces the reactor's
+SIGTERM handler (once the reactor runs, as the reactor installs its own at
+start) with one that only stops the reactor, and puts the previous handler
+back when it stops.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+
+class _Reactor(Protocol):
+    running: bool
+
+    def callWhenRunning(self, f: Callable[..., object], *args: object) -> object: ...
+
+    def callFromThread(self, f: Callable[..., object], *args: object) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class CleanSigterm(Service):
+    """On SIGTERM stop the reactor, without twistd's re-raise of the signal at exit."""
+
+    name = "sigterm"
+    log = Logger()
+
+    def __init__(self, reactor: _Reactor, signals: Any = signal) -> None:
+        self._reactor = reactor
+        self._signals = signals
+        self._previous: Any = None
+        self._installed = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        if not self.running:
+            return
+        self._previous = self._signals.signal(signal.SIGTERM, self._received)
+        self._installed = True
+
+    def _received(self, signum: int, frame: FrameType | None) -> None:
+        # Signal context: hand over to the reactor thread.
+        self._reactor.callFromThread(self._stop)
+
+    def _stop(self) -> None:
+        self.log.info("Received SIGTERM, shutting down.")
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def stopService(self) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            self._signals.signal(signal.SIGTERM, previous)
+            self._installed = False
+        super().stopService()
