@@ -26,6 +26,9 @@ setup(
         "pyyaml>=6",
         "treq>=24.9",
         "prometheus-client>=0.20",
+        # X25519 for the public key of a wireguard-go interface (the UAPI reports only the
+        # private key); already required through treq -> twisted[tls].
+        "cryptography>=40",
     ],
     extras_require={"test": ["hypothesis>=6.100", "mypy>=1.10", "mypy-zope>=1.0", "types-PyYAML"]},
 )
