@@ -247,6 +247,8 @@ class BrokerApi:
                 self.metrics.observe(endpoint, 499, None)
                 return failure
             self.log.failure("Publishing key {key} for domain {domain} failed", failure, key=key, domain=domain)
+            if chosen is not None:
+                self.picture.unchoose(*chosen)
             return self._refused(
                 request, endpoint, Refused(503, "the key could not be handed to the message bus; try again",
                                            "publish_failed"), start
