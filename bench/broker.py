@@ -74,7 +74,7 @@ class Subscriber:
 
     def _message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self.lock:
-            self.keys.add(msg.payload)
+            self.keys.add(bytes(msg.payload))
             self.last_arrival = time.monotonic()
 
     def count(self) -> int:

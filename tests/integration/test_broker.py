@@ -146,7 +146,7 @@ class Subscriber:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self.subscribed.set()
-        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.reconnect_delay_set(1, 1)
         self.client.connect("127.0.0.1", port, keepalive=5)
         self.client.loop_start()
         testcase.addCleanup(self.close)
@@ -157,7 +157,7 @@ class Subscriber:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self.lock:
-            self.messages.append((msg.topic, msg.payload))
+            self.messages.append((msg.topic, bytes(msg.payload)))
 
     def keys(self) -> list[tuple[str, bytes]]:
         with self.lock:
@@ -240,7 +240,7 @@ class BrokerIntegrationTests(SynchronousTestCase):
     skip = need_mosquitto()
 
     def setUp(self) -> None:
-        self.mosquitto: Mosquitto = start_mosquitto(self)
+        self.mosquitto: Mosquitto = start_mosquitto(self)  # type: ignore[arg-type]
 
     def test_gluon_v1_publishes_exact_key(self) -> None:
         """A Gluon-shaped v1 request (chunked, form content type) publishes exactly the key on the domain topic."""

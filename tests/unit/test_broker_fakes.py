@@ -137,7 +137,8 @@ class Broker:
         self.limiter = RateLimiter(b.rate_limit, b.rate_burst, self.clock)
         self.metrics = BrokerMetrics(self.picture, lambda: self.bus, process=False)
         self.api = BrokerApi(self.config, self.bus, self.picture, self.lists, self.limiter, self.metrics, self.clock)
-        self.treq = StubTreq(self.api.resource())
+        # StubTreq's request methods are attached at run time: typed as Any.
+        self.treq: Any = StubTreq(self.api.resource())
         # Serve through the broker's own site (body limit, no form parsing, JSON protocol
         # errors) rather than the plain Site StubTreq builds. treq offers no hook for
         # this; fail loudly if its internals move.

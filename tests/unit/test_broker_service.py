@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.error import CannotListenError
@@ -16,9 +16,10 @@ from wgkex.broker.service import BrokerService, HttpListener, SigtermExit, with_
 from wgkex.broker.site import make_site
 from wgkex.broker.workers import DATA_TOPIC, METRICS_TOPIC, STATUS_TOPIC
 from wgkex.config import MqttConfig
+from wgkex.mqtt import MqttService
 
 
-class FakeMqtt(Service, FakeBus):  # type: ignore[misc]
+class FakeMqtt(Service, FakeBus):
     """FakeBus as a service, built the way BrokerService builds MqttService."""
 
     def __init__(self, reactor: Any, settings: MqttConfig, name: str = "mqtt") -> None:
@@ -79,7 +80,8 @@ class TreeTests(SynchronousTestCase):
     def build(self, reactor: Any = None, **config: Any) -> tuple[BrokerService, MemoryReactorClock]:
         reactor = reactor or MemoryReactorClock()
         cfg = make_config(log_level="debug", **config)
-        service = BrokerService(reactor, cfg, mqtt_factory=FakeMqtt, freeze_gc=False)
+        service = BrokerService(reactor, cfg, mqtt_factory=cast(Callable[..., MqttService], FakeMqtt),
+                                freeze_gc=False)
         return service, reactor
 
     def test_building_opens_nothing(self) -> None:
@@ -117,8 +119,17 @@ class TreeTests(SynchronousTestCase):
         listener = service.getServiceNamed("http")
         mqtt = service.getServiceNamed("mqtt")
         original_http, original_mqtt = listener.stopService, mqtt.stopService
-        listener.stopService = lambda: (order.append("http"), original_http())[1]  # type: ignore[method-assign]
-        mqtt.stopService = lambda: (order.append("mqtt"), original_mqtt())[1]  # type: ignore[method-assign]
+
+        def stop_http() -> object:
+            order.append("http")
+            return original_http()
+
+        def stop_mqtt() -> object:
+            order.append("mqtt")
+            return original_mqtt()
+
+        listener.stopService = stop_http
+        mqtt.stopService = stop_mqtt
         service.stopService()
         self.assertEqual(order, ["http", "mqtt"])
         self.assertFalse(any(s.running for s in service))
@@ -160,7 +171,7 @@ class SigtermTests(SynchronousTestCase):
     def test_sigterm_stops_reactor(self) -> None:
         """SIGTERM stops the reactor (no re-raised signal: exit status 0)."""
         reactor, signals = RunningReactor(), FakeSignals()
-        service = SigtermExit(reactor, signals)  # type: ignore[arg-type]
+        service = SigtermExit(reactor, signals)
         service.startService()
         signals.handlers[signal.SIGTERM](signal.SIGTERM, None)
         self.assertEqual(reactor.stopped, 1)
@@ -168,7 +179,7 @@ class SigtermTests(SynchronousTestCase):
     def test_stop_restores_handler(self) -> None:
         """stopService puts the previous SIGTERM handler back."""
         reactor, signals = RunningReactor(), FakeSignals()
-        service = SigtermExit(reactor, signals)  # type: ignore[arg-type]
+        service = SigtermExit(reactor, signals)
         service.startService()
         service.stopService()
         self.assertEqual(signals.handlers[signal.SIGTERM], "default")

@@ -6,7 +6,9 @@ import copy
 import json
 
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
+from typing import cast
+
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_broker_fakes import GW_KEY, FakeBus, endpoint_data
@@ -172,8 +174,9 @@ class TrackerTests(SynchronousTestCase):
         self.bus = FakeBus()
         self.tracker.subscribe(self.bus)
         self.events: list[LogEvent] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def warnings(self) -> list[LogEvent]:
         return [e for e in self.events if e.get("log_namespace", "").endswith("WorkerTracker")]
