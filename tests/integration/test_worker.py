@@ -371,12 +371,11 @@ class ReportTests(WorkerTestCase):
         wait_until(lambda: bus.last(status_topic) == b"0" and bus.last(metric_topic) == b"-1", 5,
                    "retained goodbye")
 
-    def test_connectivity_check(self) -> None:
-        """Inside the namespace, GET http://[LinkAddress%wg-x]/ answers 200."""
-        gw = self.gateway()
+    def check_answers(self, gw: Gateway, address: str) -> None:
+        """Until GET http://[address%wg-x]/ from inside the namespace answers 200."""
         code = (
             "import socket,sys\n"
-            f"s = socket.create_connection(('{gw.link_address}%wg-x', 80), timeout=3)\n"
+            f"s = socket.create_connection(('{address}%wg-x', 80), timeout=3)\n"
             "s.sendall(b'GET / HTTP/1.0\\r\\nHost: gw\\r\\n\\r\\n')\n"
             "print(s.recv(100).split(b'\\r\\n')[0].decode())\n"
         )
@@ -387,8 +386,26 @@ class ReportTests(WorkerTestCase):
             except Exception:
                 return None
 
-        status_line = wait_until(answered, 10, "the connectivity check")
+        status_line = wait_until(answered, 10, f"the connectivity check on {address}")
         self.assertEqual(status_line.split()[1:], ["200", "OK"])
+
+    def test_connectivity_check(self) -> None:
+        """Inside the namespace, GET http://[LinkAddress%wg-x]/ answers 200."""
+        gw = self.gateway()
+        self.check_answers(gw, gw.link_address)
+
+    def test_new_link_address_rebinds_and_republishes(self) -> None:
+        """A new link-local address on wg-x: the check moves there and the data says so, without restart."""
+        gw = self.gateway()
+        self.check_answers(gw, gw.link_address)
+        data_topic = f"wireguard-worker/{gw.name}/{DOMAIN}/data"
+        gw.bus.subscribe(data_topic)
+        new = "fe80::1234"
+        gw.ns.ip("address", "del", f"{gw.link_address}/64", "dev", "wg-x")
+        add_address(gw.ns, "wg-x", f"{new}/64")
+        wait_until(lambda: json.loads(gw.bus.last(data_topic) or b"{}").get("LinkAddress") == new, 10,
+                   f"data with the new LinkAddress\n{gw.log_tail()}")
+        self.check_answers(gw, new)
 
 
 class SweepTests(WorkerTestCase):
