@@ -138,13 +138,13 @@ class Backoff:
 class _Reactor(Protocol):
     """What the service needs of its reactor (time, file descriptors, thread hand-off)."""
 
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> IDelayedCall: ...
+    def callLater(self, delay: float, f: Callable[..., Any], /, *args: Any, **kw: Any) -> IDelayedCall: ...
     def seconds(self) -> float: ...
     def addReader(self, reader: Any) -> None: ...
     def removeReader(self, reader: Any) -> None: ...
     def addWriter(self, writer: Any) -> None: ...
     def removeWriter(self, writer: Any) -> None: ...
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None: ...
+    def callFromThread(self, f: Callable[..., Any], /, *args: Any, **kw: Any) -> None: ...
 
 
 @dataclass(eq=False)
@@ -338,7 +338,7 @@ class MqttService(Service):
     # -- service life ----------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()  # type: ignore[no-untyped-call,unused-ignore]
         self._stopping = False
         self._client = self._make_client()
         self._pool = self._make_thread_pool()
@@ -350,7 +350,7 @@ class MqttService(Service):
 
     def stopService(self) -> Deferred[None]:
         """Wait (at most ~5 s) for earlier publishes, send DISCONNECT, close, stop the pool."""
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()  # type: ignore[no-untyped-call,unused-ignore]
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
