@@ -116,6 +116,27 @@ class Packet:
         return fields
 
 
+def split_packets(buffer: bytes) -> tuple[list[Packet], bytes]:
+    """The complete MQTT packets at the start of ``buffer``, and what is left over."""
+    out: list[Packet] = []
+    while len(buffer) >= 2:
+        length, mult, pos = 0, 1, 1
+        while True:
+            if pos >= len(buffer):
+                return out, buffer
+            byte = buffer[pos]
+            length += (byte & 127) * mult
+            mult *= 128
+            pos += 1
+            if not byte & 128:
+                break
+        if len(buffer) < pos + length:
+            break
+        out.append(Packet(buffer[0] >> 4, buffer[0] & 15, buffer[pos:pos + length]))
+        buffer = buffer[pos + length:]
+    return out, buffer
+
+
 class ServerConnection:
     """One accepted connection: what the client sent, and a way to answer."""
 
@@ -137,22 +158,7 @@ class ServerConnection:
             if not chunk:
                 break
             self.buffer += chunk
-        out: list[Packet] = []
-        while len(self.buffer) >= 2:
-            length, mult, pos = 0, 1, 1
-            while True:
-                if pos >= len(self.buffer):
-                    return out
-                byte = self.buffer[pos]
-                length += (byte & 127) * mult
-                mult *= 128
-                pos += 1
-                if not byte & 128:
-                    break
-            if len(self.buffer) < pos + length:
-                break
-            out.append(Packet(self.buffer[0] >> 4, self.buffer[0] & 15, self.buffer[pos:pos + length]))
-            self.buffer = self.buffer[pos + length:]
+        out, self.buffer = split_packets(self.buffer)
         return out
 
     def close(self) -> None:

@@ -1,0 +1,458 @@
+"""MqttService against a real mosquitto on the real reactor.
+
+Each test starts its own mosquitto on a free 127.0.0.1 port. Where a test must
+cut one client's connection without touching the server, the service talks to
+mosquitto through :class:`CuttableProxy`, a port forwarder in the test that can
+abort its connections (both directions reset, no DISCONNECT) and stop or resume
+listening. Independent observers are plain paho clients on their own network
+thread (:class:`PahoWatcher`). Waiting is by polling with deadlines, never sleeps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.protocols.portforward import ProxyFactory, ProxyServer
+from twisted.trial.unittest import TestCase
+
+from tests.support.mosquitto import Mosquitto, start_mosquitto
+from tests.support.skips import need_mosquitto
+from tests.unit.test_mqtt import CONNECT, DISCONNECT, SUBSCRIBE, connack, publish_packet, split_packets, suback
+from wgkex.config import MqttConfig
+from wgkex.mqtt import MqttService, Will
+
+reactor: Any = _reactor
+
+
+def deferred_test(f: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Deferred[None]]:
+    """Let trial run an ``async def`` test method."""
+
+    @functools.wraps(f)
+    def wrapper(self: TestCase) -> Deferred[None]:
+        return Deferred.fromCoroutine(f(self))
+
+    return wrapper
+
+
+async def until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` on the reactor until it is true; fail after ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class _TrackedProxyServer(ProxyServer):
+    noisy = False
+
+    def connectionMade(self) -> None:
+        self.factory.live.add(self)  # type: ignore[attr-defined]
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.live.discard(self)  # type: ignore[attr-defined]
+        super().connectionLost(reason)
+
+
+class CuttableProxy:
+    """A TCP forwarder to mosquitto whose connections the test can cut like a failing network."""
+
+    def __init__(self, testcase: TestCase, target_port: int) -> None:
+        self.factory = ProxyFactory("127.0.0.1", target_port)
+        self.factory.protocol = _TrackedProxyServer
+        self.factory.noisy = False
+        self.factory.live = set()  # type: ignore[attr-defined]
+        self.listening: IListeningPort | None = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        assert self.listening is not None
+        self.port: int = self.listening.getHost().port
+        testcase.addCleanup(self.close)
+
+    def cut(self) -> int:
+        """Abort every forwarded connection, both sides, without a goodbye; return how many."""
+        live = list(self.factory.live)  # type: ignore[attr-defined]
+        for server in live:
+            if server.peer is not None:
+                server.peer.transport.abortConnection()
+            server.transport.abortConnection()
+        return len(live)
+
+    async def close(self) -> None:
+        """Stop accepting and cut what is open (the client's reconnects are refused)."""
+        self.cut()
+        if self.listening is not None:
+            port, self.listening = self.listening, None
+            await port.stopListening()
+
+    def resume(self) -> None:
+        """Accept connections again, on the same port."""
+        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+
+class PahoWatcher:
+    """An independent subscriber: a plain paho client with its own network thread."""
+
+    def __init__(self, testcase: TestCase, port: int, topic_filter: str) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=unique("watcher"))
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, 1)
+        self.client.on_subscribe = lambda *args: self.subscribed.set()
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload), bool(m.retain)))
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        testcase.addCleanup(self.stop)
+
+    def payloads(self) -> list[bytes]:
+        return [payload for _, payload, _ in list(self.messages)]
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class MqttServiceIntegrationTests(TestCase):
+    skip = need_mosquitto()
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.broker = start_mosquitto(self)
+
+    def service(self, port: int | None = None, settings: MqttConfig | None = None, **kwargs: Any) -> MqttService:
+        """A started service (stopped at cleanup) with a short reconnect cap."""
+        settings = settings or MqttConfig(
+            broker_url="127.0.0.1", broker_port=port or self.broker.port, keepalive=5, reconnect_max_delay=0.5
+        )
+        service = MqttService(reactor, settings, **kwargs)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    @deferred_test
+    async def test_round_trip(self) -> None:
+        """A publish reaches the service's own subscription and an independent client; retained is flagged."""
+        service = self.service()
+        got: list[tuple[str, bytes, bool]] = []
+        service.subscribe("wgkex-test/rt/+", 1, lambda t, p, r: got.append((t, p, r)))
+        watcher = PahoWatcher(self, self.broker.port, "wgkex-test/rt/+")
+        await until(lambda: service.connected and watcher.subscribed.is_set(), "both clients connected")
+        await gatherResults([
+            service.publish("wgkex-test/rt/a", b"one", qos=1),
+            service.publish("wgkex-test/rt/b", "two", qos=0),
+        ])
+        expected = [("wgkex-test/rt/a", b"one", False), ("wgkex-test/rt/b", b"two", False)]
+        await until(lambda: len(got) == 2 and len(watcher.messages) == 2, "two messages at both subscribers")
+        self.assertEqual(got, expected)
+        self.assertEqual(watcher.messages, expected)
+
+        await service.publish("wgkex-test/rt/status", b"1", qos=1, retain=True)
+        late = self.service()
+        retained: list[tuple[str, bytes, bool]] = []
+        late.subscribe("wgkex-test/rt/status", 1, lambda t, p, r: retained.append((t, p, r)))
+        await until(lambda: retained, "the retained message at a later subscriber")
+        self.assertEqual(retained, [("wgkex-test/rt/status", b"1", True)])
+
+    @deferred_test
+    async def test_mosquitto_restart(self) -> None:
+        """After mosquitto is killed and restarted, the service reconnects, resubscribes and delivers its queue in order."""
+        service = self.service()
+        got: list[bytes] = []
+        service.subscribe("wgkex-test/q/+", 1, lambda t, p, r: got.append(p))
+        await until(lambda: service.connected, "the first connect")
+        await service.publish("wgkex-test/q/x", b"before", qos=1)
+        await until(lambda: got == [b"before"], "the first message")
+
+        self.broker.stop(kill=True)
+        await until(lambda: not service.connected, "the service to notice the loss")
+        queued = [service.publish("wgkex-test/q/x", f"m{i}", qos=1) for i in range(200)]
+        self.assertEqual(service.pending, 200)
+        await deferToThread(self.broker.start)
+        await gatherResults(queued)
+        await until(lambda: len(got) >= 201, "the queued messages")
+        # Messages the service published itself, received through the subscription it renewed.
+        self.assertEqual(got, [b"before"] + [f"m{i}".encode() for i in range(200)])
+        self.assertEqual(service.reconnects, 1)
+        self.assertEqual(service.pending, 0)
+
+    @deferred_test
+    async def test_last_will_when_connection_cut(self) -> None:
+        """Cutting the client's connection (no DISCONNECT) makes mosquitto publish its last will."""
+        proxy = CuttableProxy(self, self.broker.port)
+        will_topic = unique("wgkex-test/will")
+        watcher = PahoWatcher(self, self.broker.port, will_topic)
+        service = self.service(port=proxy.port, will=Will(will_topic, b"0", qos=1, retain=True))
+        await until(lambda: service.connected and watcher.subscribed.is_set(), "both clients connected")
+        self.assertEqual(watcher.messages, [])
+        self.assertEqual(proxy.cut(), 1)
+        await until(lambda: watcher.messages, "the last will")
+        self.assertEqual(watcher.messages, [(will_topic, b"0", False)])
+        await until(lambda: service.connected, "the service to reconnect")
+        self.assertEqual(service.reconnects, 1)
+
+    @deferred_test
+    async def test_callback_exception_does_not_stop_next_message(self) -> None:
+        """A message callback raising is logged and the following messages are still delivered."""
+        service = self.service()
+        got: list[bytes] = []
+
+        def callback(topic: str, payload: bytes, retained: bool) -> None:
+            got.append(payload)
+            if payload.startswith(b"bad"):
+                raise RuntimeError(f"callback failure for {payload!r}, on purpose")
+
+        service.subscribe("wgkex-test/cb", 1, callback)
+        await until(lambda: service.connected, "connect")
+        payloads = [b"bad1", b"good1", b"bad2", b"good2"]
+        await gatherResults([service.publish("wgkex-test/cb", p, qos=1) for p in payloads])
+        await until(lambda: len(got) == 4, "all four messages")
+        self.assertEqual(got, payloads)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertTrue(service.connected)
+
+    @deferred_test
+    async def test_persistent_session_across_connection_loss(self) -> None:
+        """With a fixed client id and clean session off, QoS 1 messages sent while cut off arrive afterwards."""
+        proxy = CuttableProxy(self, self.broker.port)
+        subscriber = self.service(port=proxy.port, client_id=unique("wgkex-test-worker"), clean_session=False)
+        got: list[bytes] = []
+        subscriber.subscribe("wgkex-test/keys/+", 1, lambda t, p, r: got.append(p))
+        publisher = self.service()
+        await until(lambda: subscriber.connected and publisher.connected, "both connected")
+        await publisher.publish("wgkex-test/keys/welt", b"first", qos=1)
+        await until(lambda: got == [b"first"], "the first key")
+
+        await proxy.close()
+        await until(lambda: not subscriber.connected, "the subscriber to be cut off")
+        await gatherResults([publisher.publish("wgkex-test/keys/welt", f"k{i}", qos=1) for i in range(20)])
+        proxy.resume()
+        await until(lambda: len(got) >= 21, "the keys sent while away")
+        self.assertEqual(got, [b"first"] + [f"k{i}".encode() for i in range(20)])
+        self.assertEqual(subscriber.reconnects, 1)
+
+    @deferred_test
+    async def test_persistent_session_across_restart(self) -> None:
+        """A worker restarted with the same client id gets the QoS 1 messages sent while it was stopped."""
+        client_id = unique("wgkex-test-worker")
+        first = MqttService(reactor, self._settings(), client_id=client_id, clean_session=False)
+        first.subscribe("wgkex-test/keys/+", 1, lambda t, p, r: None)
+        first.startService()
+        await until(lambda: first.connected, "the first run to connect")
+        await first.publish("wgkex-test/sync", b"", qos=1)  # SUBSCRIBE went before this, on the same connection
+        await first.stopService()
+
+        publisher = self.service()
+        await until(lambda: publisher.connected, "the publisher")
+        await gatherResults([publisher.publish("wgkex-test/keys/welt", f"k{i}", qos=1) for i in range(10)])
+
+        second = self.service(client_id=client_id, clean_session=False)
+        got: list[bytes] = []
+        second.subscribe("wgkex-test/keys/+", 1, lambda t, p, r: got.append(p))
+        await until(lambda: len(got) >= 10, "the keys sent while stopped")
+        self.assertEqual(got, [f"k{i}".encode() for i in range(10)])
+
+    @deferred_test
+    async def test_inflight_publishes_survive_cut_connection(self) -> None:
+        """Publishes in flight when the connection is cut are all delivered, first arrivals in order."""
+        proxy = CuttableProxy(self, self.broker.port)
+        service = self.service(port=proxy.port)
+        watcher = PahoWatcher(self, self.broker.port, "wgkex-test/burst")
+        await until(lambda: service.connected and watcher.subscribed.is_set(), "both clients connected")
+        count = 3000
+        published = [service.publish("wgkex-test/burst", str(i), qos=1) for i in range(count)]
+        await published[100]
+        self.assertFalse(all(d.called for d in published), "the cut must catch publishes in flight")
+        self.assertEqual(proxy.cut(), 1)
+        await gatherResults(published)
+        expected = [str(i).encode() for i in range(count)]
+        await until(lambda: len(set(watcher.payloads())) == count, f"{count} distinct messages at the watcher")
+        first_seen = list(dict.fromkeys(watcher.payloads()))
+        self.assertEqual(first_seen, expected)
+        self.assertEqual(service.reconnects, 1)
+
+    @deferred_test
+    async def test_unix_socket_transport(self) -> None:
+        """transport: unix reaches mosquitto through its unix socket (broker_url is the path)."""
+        directory = tempfile.mkdtemp(prefix="wgkex-mq-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "mqtt.sock")
+        broker = start_mosquitto(self, unix_socket=path)
+        service = self.service(settings=MqttConfig(broker_url=path, transport="unix", reconnect_max_delay=0.5))
+        got: list[bytes] = []
+        service.subscribe("wgkex-test/unix", 1, lambda t, p, r: got.append(p))
+        watcher = PahoWatcher(self, broker.port, "wgkex-test/unix")
+        await until(lambda: service.connected and watcher.subscribed.is_set(), "both connected")
+        await service.publish("wgkex-test/unix", b"via unix", qos=1)
+        await until(lambda: got and watcher.messages, "the message at both subscribers")
+        self.assertEqual(got, [b"via unix"])
+        self.assertEqual(watcher.payloads(), [b"via unix"])
+
+    def _settings(self, **kwargs: Any) -> MqttConfig:
+        return MqttConfig(
+            broker_url="127.0.0.1", broker_port=self.broker.port, keepalive=5, reconnect_max_delay=0.5, **kwargs
+        )
+
+
+def make_test_certificates(directory: str) -> tuple[str, str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key) paths."""
+    ca, cakey = os.path.join(directory, "ca.pem"), os.path.join(directory, "ca.key")
+    key, cert = os.path.join(directory, "server.key"), os.path.join(directory, "server.pem")
+    csr, ext = os.path.join(directory, "server.csr"), os.path.join(directory, "ext.cnf")
+    run = functools.partial(subprocess.run, check=True, capture_output=True, cwd=directory)
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=wgkex test CA",
+         "-keyout", cakey, "-out", ca])
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr])
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    run(["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", cakey, "-CAcreateserial", "-days", "2",
+         "-extfile", ext, "-out", cert])
+    return ca, cert, key
+
+
+class _TlsMosquitto(Mosquitto):
+    """mosquitto with a TLS listener only, using a throwaway CA made with openssl."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ca, cert, key = make_test_certificates(self.dir)
+        self.tls_lines = [f"cafile {self.ca}", f"certfile {cert}", f"keyfile {key}"]
+
+    def _write_config(self) -> str:
+        path = super()._write_config()
+        with open(path, "a") as f:
+            f.write("\n".join(self.tls_lines) + "\n")
+        return path
+
+
+class OneRecordTlsServer:
+    """A minimal TLS MQTT server (stdlib ssl, one thread) that answers SUBSCRIBE with SUBACK and
+    three PUBLISH packets in a single write, so they arrive in one TLS record."""
+
+    def __init__(self, testcase: TestCase, cert: str, key: str) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.seen: list[int] = []
+        self.thread = threading.Thread(target=self._serve, name="one-record-tls-server", daemon=True)
+        self.thread.start()
+        testcase.addCleanup(self.close)
+
+    def _serve(self) -> None:
+        try:
+            raw, _ = self.listener.accept()
+        except OSError:
+            return
+        raw.settimeout(15)
+        with self.context.wrap_socket(raw, server_side=True) as tls:
+            buffer = b""
+            while True:
+                try:
+                    data = tls.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                packets, buffer = split_packets(buffer + data)
+                for packet in packets:
+                    self.seen.append(packet.kind)
+                    if packet.kind == CONNECT:
+                        tls.sendall(connack())
+                    elif packet.kind == SUBSCRIBE:
+                        mid, filters = packet.subscribe()
+                        tls.sendall(suback(mid, len(filters)) + b"".join(
+                            publish_packet("wgkex-test/record", f"m{i}".encode()) for i in range(3)))
+                    elif packet.kind == DISCONNECT:
+                        return
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+
+class MqttTlsIntegrationTests(TestCase):
+    skip = need_mosquitto() or (None if shutil.which("openssl") else "needs the openssl command to make test certificates")
+    timeout = 20
+
+    @deferred_test
+    async def test_tls_round_trip_many_messages(self) -> None:
+        """Over TLS with a CA file, a burst of messages all arrive (data buffered inside TLS is read too)."""
+        broker = _TlsMosquitto()
+        self.addCleanup(broker.cleanup)
+        broker.start()
+        service = MqttService(
+            reactor,
+            MqttConfig(broker_url="127.0.0.1", broker_port=broker.port, tls=True, ca_file=broker.ca,
+                       keepalive=5, reconnect_max_delay=0.5),
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        got: list[bytes] = []
+        service.subscribe("wgkex-test/tls", 1, lambda t, p, r: got.append(p))
+        await until(lambda: service.connected, "the TLS connect")
+        count = 2000
+        await gatherResults([service.publish("wgkex-test/tls", str(i), qos=1) for i in range(count)])
+        await until(lambda: len(got) >= count, f"{count} messages over TLS")
+        self.assertEqual(got, [str(i).encode() for i in range(count)])
+
+    @deferred_test
+    async def test_tls_messages_sharing_one_record(self) -> None:
+        """Messages that arrive together in one TLS record are all delivered at once, not at the next ping."""
+        directory = tempfile.mkdtemp(prefix="wgkex-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        ca, cert, key = make_test_certificates(directory)
+        server = OneRecordTlsServer(self, cert, key)
+        service = MqttService(
+            reactor,
+            MqttConfig(broker_url="127.0.0.1", broker_port=server.port, tls=True, ca_file=ca,
+                       keepalive=60, reconnect_max_delay=0.5),
+        )
+        got: list[bytes] = []
+        service.subscribe("wgkex-test/record", 0, lambda t, p, r: got.append(p))
+        service.startService()
+        self.addCleanup(service.stopService)
+        await until(lambda: len(got) >= 3, "three messages from one TLS record", timeout=5)
+        self.assertEqual(got, [b"m0", b"m1", b"m2"])
+
+    @deferred_test
+    async def test_tls_wrong_ca_is_refused_and_retried(self) -> None:
+        """A server certificate the CA file does not vouch for is refused; the service keeps retrying."""
+        broker = _TlsMosquitto()
+        self.addCleanup(broker.cleanup)
+        broker.start()
+        other = _TlsMosquitto()  # only its CA is used
+        self.addCleanup(other.cleanup)
+        service = MqttService(
+            reactor,
+            MqttConfig(broker_url="127.0.0.1", broker_port=broker.port, tls=True, ca_file=other.ca,
+                       keepalive=5, reconnect_max_delay=0.2),
+        )
+        events: list[dict[str, Any]] = []
+        service.log = Logger(namespace="wgkex.mqtt", observer=events.append)  # type: ignore[arg-type]
+        service.startService()
+        self.addCleanup(service.stopService)
+        await until(lambda: len([e for e in events if "delay" in e]) >= 3, "three refused attempts")
+        self.assertFalse(service.connected)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", str([e.get("what") for e in events]))
+
