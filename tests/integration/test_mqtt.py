@@ -20,20 +20,22 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.portforward import ProxyFactory, ProxyServer
 from twisted.trial.unittest import TestCase
 
-from tests.support.mosquitto import Mosquitto, start_mosquitto
+from tests.support.mosquitto import Mosquitto, free_port, start_mosquitto
 from tests.support.skips import need_mosquitto
 from tests.unit.test_mqtt import CONNECT, DISCONNECT, SUBSCRIBE, connack, publish_packet, split_packets, suback
 from wgkex.config import MqttConfig
@@ -72,7 +74,7 @@ class _TrackedProxyServer(ProxyServer):
         self.factory.live.add(self)  # type: ignore[attr-defined]
         super().connectionMade()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.live.discard(self)  # type: ignore[attr-defined]
         super().connectionLost(reason)
 
@@ -99,12 +101,22 @@ class CuttableProxy:
             server.transport.abortConnection()
         return len(live)
 
+    def freeze(self) -> None:
+        """Make every forwarded connection go silent, like a dead NAT entry: nothing is relayed,
+        nothing is closed, neither side hears from the other again."""
+        for server in list(self.factory.live):  # type: ignore[attr-defined]
+            client, server.peer = server.peer, None
+            server.transport.pauseProducing()
+            if client is not None:
+                client.peer = None
+                client.transport.pauseProducing()
+
     async def close(self) -> None:
         """Stop accepting and cut what is open (the client's reconnects are refused)."""
         self.cut()
         if self.listening is not None:
             port, self.listening = self.listening, None
-            await port.stopListening()
+            await maybeDeferred(port.stopListening)
 
     def resume(self) -> None:
         """Accept connections again, on the same port."""
@@ -138,7 +150,7 @@ class MqttServiceIntegrationTests(TestCase):
     timeout = 20
 
     def setUp(self) -> None:
-        self.broker = start_mosquitto(self)
+        self.broker = start_mosquitto(cast(Any, self))
 
     def service(self, port: int | None = None, settings: MqttConfig | None = None, **kwargs: Any) -> MqttService:
         """A started service (stopped at cleanup) with a short reconnect cap."""
@@ -297,7 +309,7 @@ class MqttServiceIntegrationTests(TestCase):
         directory = tempfile.mkdtemp(prefix="wgkex-mq-")
         self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "mqtt.sock")
-        broker = start_mosquitto(self, unix_socket=path)
+        broker = start_mosquitto(cast(Any, self), unix_socket=path)
         service = self.service(settings=MqttConfig(broker_url=path, transport="unix", reconnect_max_delay=0.5))
         got: list[bytes] = []
         service.subscribe("wgkex-test/unix", 1, lambda t, p, r: got.append(p))
@@ -307,6 +319,49 @@ class MqttServiceIntegrationTests(TestCase):
         await until(lambda: got and watcher.messages, "the message at both subscribers")
         self.assertEqual(got, [b"via unix"])
         self.assertEqual(watcher.payloads(), [b"via unix"])
+
+    @deferred_test
+    async def test_silent_connection_detected_by_keepalive(self) -> None:
+        """A connection that goes silent without closing is given up after the keepalive, then re-made."""
+        proxy = CuttableProxy(self, self.broker.port)
+        events: list[dict[str, Any]] = []
+        service = MqttService(
+            reactor,
+            MqttConfig(broker_url="127.0.0.1", broker_port=proxy.port, keepalive=1, reconnect_max_delay=0.5),
+        )
+        service.log = Logger(namespace="wgkex.mqtt", observer=events.append)  # type: ignore[arg-type]
+        got: list[bytes] = []
+        service.subscribe("wgkex-test/ka", 1, lambda t, p, r: got.append(p))
+        service.startService()
+        self.addCleanup(service.stopService)
+        await until(lambda: service.connected, "connect")
+        proxy.freeze()
+        frozen_at = reactor.seconds()
+        await until(lambda: not service.connected, "the keepalive to notice the silence", timeout=6)
+        noticed = reactor.seconds() - frozen_at
+        lost = [e for e in events if "lost" in str(e.get("what"))]
+        self.assertIn("within the keepalive of 1 s", str(lost[0]["what"]))
+        await until(lambda: service.connected, "a new connection")
+        await service.publish("wgkex-test/ka", b"alive", qos=1)
+        await until(lambda: got == [b"alive"], "a message over the new connection")
+        self.assertLess(noticed, 4.0)
+
+    @deferred_test
+    async def test_websockets_transport(self) -> None:
+        """transport: websockets reaches mosquitto's websockets listener."""
+        broker = _WebsocketMosquitto()
+        self.addCleanup(broker.cleanup)
+        broker.start()
+        service = self.service(settings=MqttConfig(
+            broker_url="127.0.0.1", broker_port=broker.ws_port, transport="websockets", reconnect_max_delay=0.5))
+        got: list[bytes] = []
+        service.subscribe("wgkex-test/ws", 1, lambda t, p, r: got.append(p))
+        watcher = PahoWatcher(self, broker.port, "wgkex-test/ws")
+        await until(lambda: service.connected and watcher.subscribed.is_set(), "both connected")
+        await gatherResults([service.publish("wgkex-test/ws", str(i), qos=1) for i in range(500)])
+        await until(lambda: len(got) >= 500 and len(watcher.messages) >= 500, "500 messages at both subscribers")
+        self.assertEqual(got, [str(i).encode() for i in range(500)])
+        self.assertEqual(watcher.payloads(), got)
 
     def _settings(self, **kwargs: Any) -> MqttConfig:
         return MqttConfig(
@@ -342,6 +397,20 @@ class _TlsMosquitto(Mosquitto):
         path = super()._write_config()
         with open(path, "a") as f:
             f.write("\n".join(self.tls_lines) + "\n")
+        return path
+
+
+class _WebsocketMosquitto(Mosquitto):
+    """mosquitto with an extra websockets listener on ``ws_port``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ws_port = free_port()
+
+    def _write_config(self) -> str:
+        path = super()._write_config()
+        with open(path, "a") as f:
+            f.write(f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\n")
         return path
 
 
