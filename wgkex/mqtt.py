@@ -31,9 +31,15 @@ of the queue, and the whole queue is re-sent in the original order after the
 next CONNACK (after the subscriptions). Delivery is therefore at least once
 and in publish order per service; a message whose PUBACK was lost with the
 connection arrives twice. Cancelling the Deferred does not withdraw the
-message. ``stopService`` waits up to :data:`STOP_TIMEOUT` seconds for the
-publishes made before it; whatever is still unacknowledged then fails with
-:class:`MqttStopped`.
+message.
+
+Stopping. ``stopService`` waits up to :data:`STOP_TIMEOUT` seconds for the
+publishes made before it (still reconnecting meanwhile if it must), lets a
+connect attempt already in the pool finish (at most :data:`CONNECT_TIMEOUT`
+plus DNS), sends DISCONNECT (a clean goodbye: the server drops the last will)
+and gives it :data:`DISCONNECT_TIMEOUT` to be written before cutting the
+socket. With the server unreachable a stop therefore ends within about 11 s.
+Whatever is still unacknowledged then fails with :class:`MqttStopped`.
 
 Subscriptions registered with :meth:`MqttService.subscribe` live as long as
 the service and are re-sent on every connect (with a persistent session too:
@@ -183,7 +189,7 @@ class _PahoSocket:
         self.service._descriptor_lost(self)
 
     def logPrefix(self) -> str:
-        return f"mqtt:{self.service.name}"
+        return self.service.name or "mqtt"
 
 
 def describe_server(settings: MqttConfig) -> str:
