@@ -237,6 +237,24 @@ class SyncThreadPool:
             onResult(True, result)
 
 
+class ManualThreadPool(SyncThreadPool):
+    """A thread pool whose work waits until the test calls :meth:`run_pending` (a slow connect)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Callable[[], None]] = []
+
+    def callInThreadWithCallback(
+        self, onResult: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kw: Any
+    ) -> None:
+        self.waiting.append(lambda: SyncThreadPool.callInThreadWithCallback(self, onResult, f, *args, **kw))
+
+    def run_pending(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for work in waiting:
+            work()
+
+
 class _Service(MqttService):
     """The real service with the synchronous pool plugged in."""
 
@@ -687,6 +705,34 @@ class StopTests(MqttTestCase):
         self.assertIsNone(self.successResultOf(queued))
         self.assertIsNone(self.successResultOf(stopped))
         self.assertEqual([p.kind for p in conn.packets()], [DISCONNECT])
+
+    def test_stop_during_connect_attempt_waits_then_disconnects(self) -> None:
+        """A stop while the connect thread works waits for it, then says DISCONNECT on the new socket."""
+        self.pool = ManualThreadPool()
+        service = self.make()
+        service.startService()
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.assertTrue(self.pool.waiting)
+        self.pool.run_pending()
+        conn = self.server.accept()
+        self.pump()
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual([p.kind for p in conn.packets()], [CONNECT, DISCONNECT])
+        self.assertEqual(self.reactor.getReaders(), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stop_during_failing_connect_attempt(self) -> None:
+        """A connect attempt that fails after stop began schedules no retry."""
+        self.pool = ManualThreadPool()
+        self.server.stop_listening()
+        service = self.make()
+        service.startService()
+        stopped = service.stopService()
+        self.pool.run_pending()
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.pool.waiting, [])
 
     def test_stop_with_unresponsive_server(self) -> None:
         """A server that never acknowledges delays the stop by 5 s, then gets DISCONNECT anyway."""
