@@ -530,14 +530,14 @@ class MqttService(Service):
             # Paho closes the socket next; on_disconnect schedules the retry.
             self._refusal = f"refused by the server: {reason}"
             return
-        self._connected = True
-        if self._ever_connected:
-            self.reconnects += 1
-        self._ever_connected = True
         self.backoff.reset()
         if self._stopping:
             # DISCONNECT is already queued behind CONNECT: nothing more to send.
             return
+        self._connected = True
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
         self.log.info(
             "MQTT connected to {server} as {client_id!r} (session present: {session})",
             server=self.server,
