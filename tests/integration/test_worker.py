@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -77,7 +78,7 @@ class BusClient:
 
     def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
         with self.lock:
-            self.messages.setdefault(message.topic, []).append(message.payload)
+            self.messages.setdefault(message.topic, []).append(bytes(message.payload))
 
     def subscribe(self, topic_filter: str) -> None:
         result, _ = self.client.subscribe(topic_filter, qos=1)
@@ -92,7 +93,7 @@ class BusClient:
         with self.lock:
             return list(self.messages.get(topic, []))
 
-    def publish(self, topic: str, payloads: list[bytes | str]) -> None:
+    def publish(self, topic: str, payloads: Sequence[bytes | str]) -> None:
         """Publish at QoS 1 and wait until the server acknowledged every message."""
         infos = [self.client.publish(topic, p, qos=1) for p in payloads]
         for info in infos:

@@ -368,7 +368,8 @@ class StatusSiteTests(SynchronousTestCase):
         self.root = build_worker(make_config(), self.reactor, self.bus, SyncPoolService(self.backends, []),
                                  ifindex=self.kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
         worker = self.root.worker
-        self.treq = StubTreq(status_site(worker.metrics, worker.health).resource)
+        # StubTreq attaches its request methods at run time: typed as Any.
+        self.treq: Any = StubTreq(status_site(worker.metrics, worker.health).resource)
 
     def test_metrics(self) -> None:
         """/metrics serves the Prometheus text with the worker's counters."""

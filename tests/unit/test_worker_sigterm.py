@@ -47,7 +47,7 @@ class CleanSigtermTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = FakeReactor()
         self.signals = FakeSignals()
-        self.service = CleanSigterm(self.reactor, self.signals)  # type: ignore[arg-type]
+        self.service = CleanSigterm(self.reactor, self.signals)
 
     def test_installed_once_running(self) -> None:
         """The handler replaces the reactor's only once the reactor runs."""
