@@ -336,6 +336,16 @@ class ApplierTests(SynchronousTestCase):
         self.assertEqual(self.applier.failed_keys("ffmuc_ost"), frozenset())
         self.assertEqual(self.applier.retry_failed(), 0)
 
+    def test_swept_failed_key_not_retried(self) -> None:
+        """A failed key that a sweep removed meanwhile is not brought back by the retry."""
+        self.rtnl.refuse_routes.add(LL_A)
+        self.applier.submit("ffmuc_welt", KEY_A)
+        self.known.snapshot()
+        self.known.sweep_done({"ffmuc_welt": [KEY_A]}, {}, 0.0)
+        self.rtnl.refuse_routes.clear()
+        self.assertEqual(self.applier.retry_failed(), 0)
+        self.assertEqual(self.applier.failed_keys("ffmuc_welt"), frozenset())
+
     def test_reapply_all_known(self) -> None:
         """reapply() installs every known key of a domain again (after an interface was recreated)."""
         for k in (KEY_A, KEY_B):

@@ -275,9 +275,10 @@ class KeyApplier:
         return queued
 
     def retry_failed(self) -> int:
-        """Queue again every key whose last attempt failed; returns how many."""
+        """Queue again every key whose last attempt failed (and that was not swept since); returns how many."""
         total = 0
         for domain, keys in self._failed.items():
+            keys.intersection_update(k for k in list(keys) if self._known.first_seen(domain, k) is not None)
             if keys:
                 total += self.reapply(domain, sorted(keys))
         return total
