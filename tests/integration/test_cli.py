@@ -103,14 +103,17 @@ class PackagingTests(TestCase):
         # Install from a copy without build leftovers, as a fresh clone would be.
         src = os.path.join(build, "src")
         shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "_trial_temp*", "*.egg-info", "build", "__pycache__", "dropin.cache"))
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+        # trial --jobs hands its workers the parent's sys.path as PYTHONPATH; with it pip
+        # would find Twisted "already installed" and the fresh venv would get no twistd.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120, env=env)
         pip = subprocess.run(
             [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check", src],
-            capture_output=True, text=True, timeout=280,
+            capture_output=True, text=True, timeout=280, env=env,
         )
         self.assertEqual(pip.returncode, 0, pip.stderr[-2000:])
         out = subprocess.run(
-            [os.path.join(venv, "bin", "twistd"), "--help"], capture_output=True, text=True, timeout=60, cwd="/"
+            [os.path.join(venv, "bin", "twistd"), "--help"], capture_output=True, text=True, timeout=60, cwd="/", env=env
         ).stdout
         self.assertIn("wgkex-broker", out)
         self.assertIn("wgkex-worker", out)
