@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -12,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_broker_fakes import FakeBus, make_config
-from wgkex.broker.service import BrokerService, HttpListener, SigtermExit, with_backlog
+from wgkex.broker.service import BrokerService, HttpListener, with_backlog
 from wgkex.broker.site import make_site
 from wgkex.broker.workers import DATA_TOPIC, METRICS_TOPIC, STATUS_TOPIC
 from wgkex.config import MqttConfig
@@ -26,34 +25,6 @@ class FakeMqtt(Service, FakeBus):
         FakeBus.__init__(self)
         self.settings = settings
         self.setName(name)
-
-
-class FakeSignals:
-    def __init__(self) -> None:
-        self.handlers: dict[int, Any] = {}
-
-    def signal(self, signum: int, handler: Any) -> Any:
-        old = self.handlers.get(signum, "default")
-        self.handlers[signum] = handler
-        return old
-
-
-class RunningReactor:
-    """Runs callWhenRunning and callFromThread at once; records stop()."""
-
-    running = True
-
-    def __init__(self) -> None:
-        self.stopped = 0
-
-    def callWhenRunning(self, f: Callable[..., object], *args: object) -> None:
-        f(*args)
-
-    def callFromThread(self, f: Callable[..., object], *args: object) -> None:
-        f(*args)
-
-    def stop(self) -> None:
-        self.stopped += 1
 
 
 class RefusingReactor(MemoryReactorClock):
@@ -165,21 +136,3 @@ class TreeTests(SynchronousTestCase):
         service, _ = self.build()
         service.tracker.message("wireguard-metrics/ffmuc_welt/gw/connected_peers", b"x", True)
         self.assertIn('wgkex_broker_bus_messages_invalid_total{kind="metric"} 1.0', service.metrics.render().decode())
-
-
-class SigtermTests(SynchronousTestCase):
-    def test_sigterm_stops_reactor(self) -> None:
-        """SIGTERM stops the reactor (no re-raised signal: exit status 0)."""
-        reactor, signals = RunningReactor(), FakeSignals()
-        service = SigtermExit(reactor, signals)
-        service.startService()
-        signals.handlers[signal.SIGTERM](signal.SIGTERM, None)
-        self.assertEqual(reactor.stopped, 1)
-
-    def test_stop_restores_handler(self) -> None:
-        """stopService puts the previous SIGTERM handler back."""
-        reactor, signals = RunningReactor(), FakeSignals()
-        service = SigtermExit(reactor, signals)
-        service.startService()
-        service.stopService()
-        self.assertEqual(signals.handlers[signal.SIGTERM], "default")

@@ -21,10 +21,8 @@ MQTT, which flushes what was queued (bounded).
 from __future__ import annotations
 
 import gc
-import signal
 from collections.abc import Callable
-from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -42,6 +40,7 @@ from wgkex.broker.site import make_site
 from wgkex.broker.workers import WorkerPicture, WorkerTracker
 from wgkex.config import Config
 from wgkex.logs import LoggingService
+from wgkex.sigterm import CleanSigterm
 from wgkex.mqtt import MqttService
 
 _BACKLOG_KINDS = ("tcp", "tcp6", "ssl", "unix")
@@ -94,54 +93,6 @@ class HttpListener(Service):
         return d
 
 
-class _StoppableReactor(Protocol):
-    running: bool
-
-    def callWhenRunning(self, f: Callable[..., object], *args: object) -> object: ...
-
-    def callFromThread(self, f: Callable[..., object], *args: object) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-class SigtermExit(Service):
-    """Stops the reactor on SIGTERM without the re-raise twistd does, so the exit status is 0."""
-
-    name = "sigterm"
-    log = Logger()
-
-    def __init__(self, reactor: _StoppableReactor, signals: Any = signal) -> None:
-        self._reactor = reactor
-        self._signals = signals
-        self._previous: Any = None
-        self._installed = False
-
-    def startService(self) -> None:
-        super().startService()
-        # The reactor installs its own handlers when it starts running: go after it.
-        self._reactor.callWhenRunning(self._install)
-
-    def _install(self) -> None:
-        if not self.running:
-            return
-        self._previous = self._signals.signal(signal.SIGTERM, self._terminate)
-        self._installed = True
-
-    def _terminate(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(self._stop)
-
-    def _stop(self) -> None:
-        self.log.info("Received SIGTERM, shutting down.")
-        if self._reactor.running:
-            self._reactor.stop()
-
-    def stopService(self) -> None:
-        if self._installed:
-            self._signals.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-            self._installed = False
-        super().stopService()
-
-
 class BrokerService(MultiService):
     """The whole broker for one configuration."""
 
@@ -172,7 +123,7 @@ class BrokerService(MultiService):
         LoggingService(config.log_level, config.logging_config).setServiceParent(self)
         KeyListService(self.lists, reactor).setServiceParent(self)
         self.mqtt.setServiceParent(self)
-        SigtermExit(reactor).setServiceParent(self)
+        CleanSigterm(reactor).setServiceParent(self)
         # Last in: stopped first, so no new request arrives while MQTT flushes.
         self.http.setServiceParent(self)
 

@@ -28,7 +28,7 @@ def makeService(options: Options) -> IService:
     from wgkex.worker.pool import BackendPool
     from wgkex.worker.report import status_topic
     from wgkex.worker.service import build_worker
-    from wgkex.worker.sigterm import CleanSigterm
+    from wgkex.sigterm import CleanSigterm
 
     config = options.config
     worker = config.worker

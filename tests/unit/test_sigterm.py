@@ -1,4 +1,4 @@
-"""CleanSigterm: SIGTERM stops the reactor without twistd's re-raise, so the exit status is 0."""
+"""CleanSigterm: SIGTERM stops the reactor without twistd's re-raise, so the exit status is 0 (broker and worker)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from wgkex.worker.sigterm import CleanSigterm
+from wgkex.sigterm import CleanSigterm
 
 
 class FakeReactor:
