@@ -393,8 +393,8 @@ class _TlsMosquitto(Mosquitto):
         self.ca, cert, key = make_test_certificates(self.dir)
         self.tls_lines = [f"cafile {self.ca}", f"certfile {cert}", f"keyfile {key}"]
 
-    def _write_config(self) -> str:
-        path = super()._write_config()
+    def write_config(self) -> str:
+        path = super().write_config()
         with open(path, "a") as f:
             f.write("\n".join(self.tls_lines) + "\n")
         return path
@@ -407,8 +407,8 @@ class _WebsocketMosquitto(Mosquitto):
         super().__init__()
         self.ws_port = free_port()
 
-    def _write_config(self) -> str:
-        path = super()._write_config()
+    def write_config(self) -> str:
+        path = super().write_config()
         with open(path, "a") as f:
             f.write(f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\n")
         return path

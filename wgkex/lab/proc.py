@@ -59,7 +59,7 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02
         time.sleep(interval)
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
+def process_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks) of ``pid``, or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -84,7 +84,7 @@ class Proc:
         """True while the PID still names the process we started (zombies excluded)."""
         if self._popen is not None:
             self._popen.poll()  # reap it if it exited, so /proc/PID goes away
-        st = _stat(self.pid)
+        st = process_stat(self.pid)
         return st is not None and st[1] == self.start_time and st[0] not in ("Z", "X")
 
     @property
@@ -156,7 +156,7 @@ def spawn(name: str, argv: Sequence[str], log_path: str, env: Mapping[str, str] 
             )
         except FileNotFoundError:
             raise LabError(f"{argv[0]}: command not found (make deps installs the lab tools)") from None
-    st = _stat(popen.pid)
+    st = process_stat(popen.pid)
     if st is None:  # exited (and was reaped?) before we looked: keep a record that never matches
         popen.wait()
         raise LabError(f"{name} exited at once: {' '.join(argv)}; see {log_path}")
