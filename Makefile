@@ -33,6 +33,7 @@ $(VENV)/.installed: setup.py $(BIN)/python
 venv: $(VENV)/.installed
 
 test: deps venv
+	$(BIN)/mypy wgkex
 	$(BIN)/trial --jobs=$(TRIAL_JOBS) tests
 
 unit: venv
