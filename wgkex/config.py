@@ -107,8 +107,6 @@ class WorkerConfig:
     keep_keys: frozenset[str] = frozenset()
     #: Most keys applied in one batch (the rest wait for the next batch).
     max_batch: int = 10_000
-    #: Threads in the netlink/UAPI pool.
-    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -416,7 +414,6 @@ def parse_config(
         peer_timeout=top.number("peer_timeout", 3 * 3600.0, 0),
         keep_keys=_read_key_list(top, "keep_keys"),
         max_batch=top.integer("max_batch", 10_000, 1),
-        threads=top.integer("threads", 1, 1, 64),
     )
     if not worker.name or "/" in worker.name or "+" in worker.name or "#" in worker.name:
         raise top.fail("worker_name", f"must be non-empty and free of '/', '+', '#', got {worker.name!r}")

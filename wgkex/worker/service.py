@@ -110,12 +110,6 @@ class WorkerService(Service):
             "Worker {name} serving domains {domains}", name=self.config.worker.name, domains=", ".join(self.config.domains)
         )
         w = self.config.worker
-        if w.threads != 1:
-            self.log.warn(
-                "threads: {threads} is not used: the worker keeps its kernel work in one thread so that it "
-                "stays ordered (batches, not threads, give the throughput)",
-                threads=w.threads,
-            )
         self.sweeper.seed()
         self._start_loop(self._check_interfaces, self._watch_interval, now=True)
         self._start_loop(self._metrics_tick, w.metrics_interval, now=False)
