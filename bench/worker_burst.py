@@ -1,0 +1,467 @@
+"""A burst of keys through the real worker: time until every key is peer + route + FDB entry.
+
+Run as root: ``.venv/bin/python bench/worker_burst.py [2000 10000 20000]``
+(``--mosquitto-inflight N`` sets mosquitto's ``max_inflight_messages``;
+its default, 20, is what the gateways run unless configured otherwise).
+
+For each count N a fresh gateway is built with the lab primitives of
+:mod:`wgkex.lab`: a network namespace, wireguard-go ``wg-x`` in a private mount
+namespace, ``vx-x`` on top, mosquitto with a unix socket for the worker and a
+127.0.0.1 port for the publisher, and the real ``twistd -n wgkex-worker``
+entered into the daemon's mount and network namespace. Once the worker said
+status 1, N fresh keys are published on ``wireguard/<domain>/all`` at QoS 1 as
+fast as one TCP connection takes them (a minimal MQTT client written here, so
+that publishing costs next to no CPU on this two-core machine), and the
+worker's ``/metrics`` (keys applied) is polled every 20 ms over a keep-alive
+connection made inside the namespace. When it reaches N the kernel is counted
+(UAPI ``get=1`` peers, ``ip -6 route`` host routes, ``bridge fdb`` entries) to
+cross-check. Prints one JSON line per N; everything it made is removed.
+
+``keys_per_second`` is N over the time from the first publish to the last key
+applied; ``steady_keys_per_second`` the rate between 10 % and 90 % of the keys
+(leaves out start-up and the tail). ``cpu_seconds`` are the CPU times of the
+worker, wireguard-go and mosquitto during the burst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import ctypes
+import hashlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from wgkex.keys import lladdr  # noqa: E402
+from wgkex.lab.configs import write_config  # noqa: E402
+from wgkex.lab.gateway import twistd  # noqa: E402
+from wgkex.lab.mosquitto import Mosquitto  # noqa: E402
+from wgkex.lab.netns import Namespace, add_vxlan  # noqa: E402
+from wgkex.lab.proc import Proc, spawn, wait_until  # noqa: E402
+from wgkex.lab.wggo import WireGuardGo, genkey  # noqa: E402
+
+DOMAIN = "ffbench_x"
+WG, VX = "wg-x", "vx-x"
+STATUS_PORT = 9101
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def bench_keys(count: int, seed: str) -> list[str]:
+    """``count`` distinct valid public keys (canonical base64 of 32 bytes)."""
+    return [base64.b64encode(hashlib.sha256(f"{seed} {i}".encode()).digest()).decode() for i in range(count)]
+
+
+def connect_in_netns(netns: str, address: tuple[str, int], timeout: float = 5.0) -> socket.socket:
+    """A TCP connection made inside network namespace ``netns`` (the socket keeps that namespace).
+
+    A helper thread switches itself (only itself) into the namespace with
+    ``setns``, connects and ends; the socket is then used from anywhere.
+    """
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if _libc.setns(target, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            result["sock"] = socket.create_connection(address, timeout)
+        except BaseException as e:  # handed to the caller
+            result["error"] = e
+        finally:
+            os.close(target)
+
+    thread = threading.Thread(target=work, name=f"connect-in-{netns}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    sock: socket.socket = result["sock"]
+    return sock
+
+
+class StatusClient:
+    """GETs on the worker's status listener inside the namespace, over one keep-alive connection."""
+
+    def __init__(self, netns: str, port: int = STATUS_PORT) -> None:
+        self.netns = netns
+        self.port = port
+        self._conn: http.client.HTTPConnection | None = None
+
+    def get(self, path: str) -> bytes:
+        for attempt in (1, 2):
+            if self._conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.sock = connect_in_netns(self.netns, ("127.0.0.1", self.port))
+                self._conn = conn
+            try:
+                self._conn.request("GET", path)
+                response = self._conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"GET {path}: HTTP {response.status}")
+                return body
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as ``{'name{labels}': value}``."""
+        out: dict[str, float] = {}
+        for line in self.get("/metrics").decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+        return out
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+# -- a minimal MQTT 3.1.1 publisher -------------------------------------------------------------
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _string(s: bytes) -> bytes:
+    return struct.pack("!H", len(s)) + s
+
+
+class RawPublisher:
+    """Publishes pre-encoded QoS 1 messages over one TCP connection and counts the PUBACKs.
+
+    Written for the benchmark: all PUBLISH packets go out in large writes while
+    a reader thread counts acknowledgements, so the publisher is never what
+    limits the rate.
+    """
+
+    def __init__(self, host: str, port: int, client_id: str) -> None:
+        self.sock = socket.create_connection((host, port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        body = _string(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _string(client_id.encode())
+        self.sock.sendall(b"\x10" + _remaining_length(len(body)) + body)
+        connack = self._read_exact(4)
+        if connack[0] != 0x20 or connack[3] != 0:
+            raise RuntimeError(f"MQTT CONNACK refused: {connack!r}")
+        self.acked = 0
+        self.all_acked = threading.Event()
+        self._expected = 0
+
+    def _read_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise RuntimeError("mosquitto closed the publisher's connection")
+            data += chunk
+        return data
+
+    def _count_acks(self) -> None:
+        buffer = b""
+        while self.acked < self._expected:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                return
+            buffer += chunk
+            usable = len(buffer) - len(buffer) % 4  # PUBACK: 0x40 0x02 id id
+            self.acked += usable // 4
+            buffer = buffer[usable:]
+        self.all_acked.set()
+
+    def publish_all(self, topic: str, payloads: list[bytes]) -> float:
+        """Send every payload at QoS 1; returns when all are written (acks are counted in a thread)."""
+        encoded_topic = _string(topic.encode())
+        packets = []
+        for i, payload in enumerate(payloads):
+            body = encoded_topic + struct.pack("!H", i % 65535 + 1) + payload
+            packets.append(b"\x32" + _remaining_length(len(body)) + body)
+        self._expected = len(packets)
+        reader = threading.Thread(target=self._count_acks, name="pubacks", daemon=True)
+        reader.start()
+        started = time.monotonic()
+        for start in range(0, len(packets), 500):
+            self.sock.sendall(b"".join(packets[start : start + 500]))
+        return started
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"\xe0\x00")
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# -- the gateway --------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BenchGateway:
+    """Namespace + wireguard-go wg-x + vx-x + mosquitto + the real worker; a context manager."""
+
+    def __init__(self, mosquitto_inflight: int | None = None, **config: Any) -> None:
+        self.id = uuid.uuid4().hex[:8]
+        self.name = f"wbench{self.id}"
+        self.dir = tempfile.mkdtemp(prefix="wgkex-wbench-")
+        self.mosquitto_inflight = mosquitto_inflight
+        self.extra_config = config
+        self.mqtt: Mosquitto | None = None
+        self.ns: Namespace | None = None
+        self.wg: WireGuardGo | None = None
+        self.worker: Proc | None = None
+        self.status: StatusClient | None = None
+
+    def __enter__(self) -> BenchGateway:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.mqtt = Mosquitto(self.dir, unix_socket=os.path.join(self.dir, "mqtt.sock"), persistence=False)
+        if self.mosquitto_inflight is not None:
+            write = self.mqtt.write_config
+            inflight = self.mosquitto_inflight
+
+            def write_config_with_inflight() -> str:
+                path = write()
+                with open(path, "a") as f:
+                    f.write(f"max_inflight_messages {inflight}\n")
+                return path
+
+            self.mqtt.write_config = write_config_with_inflight  # type: ignore[method-assign]
+        self.mqtt.start()
+        self.ns = Namespace.create(f"wgkex-wbench-{self.id}")
+        self.wg = WireGuardGo.start(self.ns, WG, os.path.join(self.dir, "wireguard-go.log"))
+        public_key = self.wg.configure(genkey(), listen_port=51820)
+        add_vxlan(self.ns, VX, vni=4242, local=lladdr(public_key), dev=WG)
+        data: dict[str, Any] = {
+            "domains": [DOMAIN],
+            "domain_prefixes": ["ffbench_"],
+            "worker_name": self.name,
+            "externalName": "gw.example.net",
+            "mqtt": {"transport": "unix", "broker_url": self.mqtt.unix_socket, "keepalive": 30,
+                     "reconnect_max_delay": 1},
+            "wireguard_backend": "uapi",
+            "worker_listen": f"127.0.0.1:{STATUS_PORT}",
+            "log_level": "info",
+        }
+        data.update(self.extra_config)
+        config = write_config(os.path.join(self.dir, "worker.yaml"), data)
+        argv = self.wg.enter_argv([twistd(), "-n", "--pidfile=", "wgkex-worker", "--config", config])
+        self.worker = spawn(f"worker {self.name}", argv, os.path.join(self.dir, "worker.log"))
+        self.status = StatusClient(self.ns.name)
+        status = self.status
+
+        def online() -> bool:
+            assert self.worker is not None
+            if not self.worker.is_ours():
+                raise RuntimeError(f"the worker exited:\n{self.log_tail()}")
+            try:
+                return status.metrics().get("wgkex_worker_mqtt_connected") == 1.0
+            except OSError:
+                return False
+
+        wait_until(online, 20, f"the worker connected to MQTT\n{self.log_tail()}", interval=0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.close()
+        if self.worker is not None:
+            self.worker.stop(timeout=15)
+        if self.wg is not None:
+            self.wg.stop()
+        if self.ns is not None:
+            self.ns.delete()
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(os.path.join(self.dir, "worker.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kernel_counts(self) -> dict[str, int]:
+        """Peers (UAPI get=1), /128 routes on wg-x and FDB destinations on vx-x, counted in the kernel."""
+        assert self.wg is not None and self.ns is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(self.wg.uapi_socket)
+            s.sendall(b"get=1\n\n")
+            reply = bytearray()
+            while not reply.endswith(b"\n\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                reply += chunk
+        peers = reply.count(b"\npublic_key=")
+        route_out = subprocess.run(["ip", "-n", self.ns.name, "-6", "route", "show", "dev", WG],
+                                   capture_output=True, text=True, check=True).stdout
+        routes = sum(1 for line in route_out.splitlines() if line and "/" not in line.split()[0])
+        fdb_out = subprocess.run(["bridge", "-n", self.ns.name, "fdb", "show", "dev", VX],
+                                 capture_output=True, text=True, check=True).stdout
+        fdb = sum(1 for line in fdb_out.splitlines() if line.startswith("00:00:00:00:00:00 dst "))
+        return {"peers": peers, "routes": routes, "fdb": fdb}
+
+    def pids(self) -> dict[str, int]:
+        assert self.worker is not None and self.wg is not None and self.mqtt is not None
+        assert self.mqtt.proc is not None
+        return {"worker": self.worker.pid, "wireguard_go": self.wg.pid, "mosquitto": self.mqtt.proc.pid}
+
+
+def applied_total(m: dict[str, float]) -> float:
+    return m.get(f'wgkex_worker_keys_applied_total{{domain="{DOMAIN}"}}', 0.0)
+
+
+def failed_total(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("wgkex_worker_keys_failed_total{"))
+
+
+def rate_between(samples: list[tuple[float, float]], low: float, high: float) -> float | None:
+    """Keys per second between the first samples at or above ``low`` and ``high`` keys."""
+    t_low = next((t for t, n in samples if n >= low), None)
+    t_high = next((t for t, n in samples if n >= high), None)
+    n_low = next((n for t, n in samples if n >= low), None)
+    n_high = next((n for t, n in samples if n >= high), None)
+    if t_low is None or t_high is None or n_low is None or n_high is None or t_high <= t_low:
+        return None
+    return (n_high - n_low) / (t_high - t_low)
+
+
+def burst(count: int, mosquitto_inflight: int | None, timeout: float, profile: str | None = None) -> dict[str, Any]:
+    keys = bench_keys(count, uuid.uuid4().hex)
+    with BenchGateway(mosquitto_inflight) as gw:
+        assert gw.mqtt is not None and gw.status is not None
+        status = gw.status
+        pids = gw.pids()
+        publisher = RawPublisher("127.0.0.1", gw.mqtt.port, f"bench-{gw.id}")
+        profiler: subprocess.Popen[bytes] | None = None
+        try:
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            if profile is not None:
+                # py-spy (not a dependency of wgkex: pip install py-spy) samples the worker meanwhile.
+                out = f"{profile}-{count}.txt"
+                profiler = subprocess.Popen(
+                    ["py-spy", "record", "--threads", "--idle", "--format", "raw", "--rate", "200", "--nonblocking",
+                     "--pid", str(pids["worker"]), "--output", out], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+            started = publisher.publish_all(f"wireguard/{DOMAIN}/all", [k.encode() for k in keys])
+            written = time.monotonic() - started
+            samples: list[tuple[float, float]] = [(0.0, 0.0)]
+            acked_at: float | None = None
+            received_at: float | None = None
+            deadline = started + timeout
+            failed = 0.0
+            while True:
+                m = status.metrics()
+                now = time.monotonic() - started
+                applied = applied_total(m)
+                failed = failed_total(m)
+                samples.append((now, applied))
+                if acked_at is None and publisher.all_acked.is_set():
+                    acked_at = now
+                if received_at is None and m.get("wgkex_worker_keys_received_total", 0.0) >= count:
+                    received_at = now
+                if applied + failed >= count:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{count} keys: only {applied:.0f} applied ({failed:.0f} failed) after {timeout:g} s\n"
+                        f"{gw.log_tail()}"
+                    )
+                time.sleep(0.02)
+            done = samples[-1][0]
+            cpu = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
+        finally:
+            publisher.close()
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(30)
+        kernel = gw.kernel_counts()
+        final = status.metrics()
+        batches = final.get("wgkex_worker_batch_size_count", 0.0)
+        result = {
+            "keys": count,
+            "seconds": round(done, 3),
+            "keys_per_second": round(count / done),
+            "steady_keys_per_second": round(rate_between(samples, 0.1 * count, 0.9 * count) or 0),
+            "publish_written_seconds": round(written, 3),
+            "publish_acked_seconds": round(acked_at, 3) if acked_at is not None else None,
+            "worker_received_all_seconds": round(received_at, 3) if received_at is not None else None,
+            "applied": int(applied_total(final)),
+            "failed": int(failed),
+            "kernel": kernel,
+            "all_installed": kernel == {"peers": count, "routes": count, "fdb": count},
+            "batches": int(batches),
+            "mean_batch": round(final.get("wgkex_worker_batch_size_sum", 0.0) / batches) if batches else None,
+            "pool_apply_seconds": round(final.get("wgkex_worker_apply_seconds_sum", 0.0), 3),
+            "keys_received": int(final.get("wgkex_worker_keys_received_total", 0.0)),
+            "duplicates": int(final.get("wgkex_worker_keys_duplicate_total", 0.0)),
+            "cpu_seconds": cpu,
+            "mosquitto_max_inflight": mosquitto_inflight if mosquitto_inflight is not None else "default (20)",
+        }
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("counts", nargs="*", type=int, default=[2000, 10000, 20000],
+                        help="key counts, one burst (and one fresh gateway) each (default 2000 10000 20000)")
+    parser.add_argument("--mosquitto-inflight", type=int, default=None,
+                        help="mosquitto max_inflight_messages (default: mosquitto's own, 20)")
+    parser.add_argument("--profile", metavar="PREFIX", default=None,
+                        help="record the worker with py-spy (must be on PATH) into PREFIX-<count>.txt (raw format)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="give up on a burst after this many seconds")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/worker_burst.py needs root (network namespaces, wireguard-go)")
+    for count in args.counts:
+        result = burst(count, args.mosquitto_inflight, args.timeout, args.profile)
+        result["machine"] = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
