@@ -376,6 +376,14 @@ class BrokerIntegrationTests(SynchronousTestCase):
         wait_for(sub.keys, 5, what="key at subscriber")
         self.assertEqual(sub.keys(), [("wireguard/ffmuc_welt/all", KEY2.encode())])
 
+    def test_sighup_without_key_lists_keeps_serving(self) -> None:
+        """SIGHUP to a broker without key lists is logged and ignored; the process keeps serving."""
+        broker = BrokerProcess(self, self.mosquitto.port)
+        broker.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "no key lists" in broker.log() or broker.proc.poll() is not None, 10, what="SIGHUP logged")
+        self.assertIsNone(broker.proc.poll(), f"broker died of SIGHUP:\n{broker.log()[-2000:]}")
+        self.assertEqual(broker.get("/healthz")[0], 200)
+
     def test_two_brokers_side_by_side(self) -> None:
         """Two brokers on one bus hold the same picture (from MQTT only) and both publish keys."""
         publish_retained(self.mosquitto.port, worker_messages("gw-b", "b.example", GW_KEY2, peers=3))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_broker_fakes import KEY, KEY2
@@ -148,10 +148,18 @@ class ServiceTests(SynchronousTestCase):
         service.stopService()
         self.assertEqual(signals.handlers[signal.SIGHUP], "previous")
 
-    def test_no_lists_no_handler(self) -> None:
-        """Without configured lists SIGHUP is left alone."""
+    def test_no_lists_sighup_is_harmless(self) -> None:
+        """Without configured lists SIGHUP is still caught (its default action would kill the broker) and logged."""
         signals = FakeSignals()
         service = KeyListService(KeyLists(None, None), ImmediateReactor(), signals)
         service.startService()
-        self.assertEqual(signals.handlers[signal.SIGHUP], "previous")
+        handler = signals.handlers[signal.SIGHUP]
+        self.assertTrue(callable(handler))
+        events: list[LogEvent] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        handler(signal.SIGHUP, None)
+        self.assertTrue(any("no key lists" in formatEvent(e) for e in events), events)
         service.stopService()
+        self.assertEqual(signals.handlers[signal.SIGHUP], "previous")

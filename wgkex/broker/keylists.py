@@ -139,9 +139,14 @@ class _CallFromThread(Protocol):
 
 
 class KeyListService(Service):
-    """Loads the key lists at start and again on SIGHUP (restoring the old handler at stop)."""
+    """Loads the key lists at start and again on SIGHUP (restoring the old handler at stop).
+
+    The handler is installed even without configured lists: SIGHUP's default action
+    would otherwise end the broker silently when an operator sends the reload signal.
+    """
 
     name = "keylists"
+    log = Logger()
 
     def __init__(self, lists: KeyLists, reactor: _CallFromThread, signals: _Signals = signal) -> None:
         self.lists = lists
@@ -153,15 +158,21 @@ class KeyListService(Service):
     def startService(self) -> None:
         super().startService()
         self.lists.load()
-        if self.lists.blocklist_path is None and self.lists.allowlist_path is None:
-            return
         self._previous = self._signals.signal(signal.SIGHUP, self._hangup)
         self._installed = True
 
     def _hangup(self, signum: int, frame: FrameType | None) -> None:
         # Signal handlers interrupt whatever the reactor thread was doing; do the work
         # from the reactor loop instead.
-        self._reactor.callFromThread(self.lists.load)
+        self._reactor.callFromThread(self._reload)
+
+    def _reload(self) -> None:
+        if self.lists.blocklist_path is None and self.lists.allowlist_path is None:
+            self.log.info(
+                "SIGHUP: no key lists are configured (broker.key_blocklist, broker.key_allowlist); nothing to reload"
+            )
+            return
+        self.lists.load()
 
     def stopService(self) -> None:
         if self._installed:
