@@ -145,3 +145,12 @@ class BodyLimitTests(SiteCase):
         self.assertIn(b"Content-Type: application/json", out)
         self.assertIn("malformed", json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["message"])
         self.assertTrue(self.transport.disconnecting)
+
+    def test_overlong_header_line_gets_json_400(self) -> None:
+        """A header line longer than twisted.web's line limit gets the JSON 400 too, not a silent close."""
+        self.send(b"GET /healthz HTTP/1.1\r\nHost: broker\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out[:200])
+        self.assertIn(b"Content-Type: application/json", out)
+        self.assertIn("malformed", json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["message"])
+        self.assertTrue(self.transport.disconnecting)

@@ -20,7 +20,7 @@ client has not sent the body yet.
 Form bodies are not parsed into ``request.args`` (Gluon sends JSON labelled
 ``application/x-www-form-urlencoded``): resources read ``request.content``.
 Requests that twisted.web's parser itself rejects (a NUL in a header, broken
-chunking, too many headers) get a JSON 400 too, from :class:`JsonErrorChannel`
+chunking, too many headers, a line over 16 KiB) get a JSON 400 too, from :class:`JsonErrorChannel`
 (plain HTTP/1.1: routers never speak HTTP/2).
 """
 
@@ -69,6 +69,11 @@ class JsonErrorChannel(http.HTTPChannel):
         transport: Any = self.transport
         transport.write(BAD_REQUEST_REPLY)
         self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request or header line over MAX_LENGTH: LineReceiver would just drop the
+        # connection, leaving the client without any answer.
+        self._respondToBadRequestAndDisconnect()
 
 
 class LimitedRequest(server.Request):
