@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_broker_fakes import GLUON_HEADERS, GW_KEY, GW_KEY2, KEY, KEY2, Broker
@@ -235,6 +236,43 @@ class FailureTests(ApiCase):
         text = self.b.metrics.render().decode()
         self.assertIn('wgkex_broker_requests_total{endpoint="v1",status="400"} 1.0', text)
         self.assertIn('wgkex_broker_refused_total{reason="bad_request"} 1.0', text)
+
+
+class LostKeyLogTests(ApiCase):
+    """A key the MQTT service gives up on (it was stopped) is an expected event, logged as one line."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[LogEvent] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def api_events(self) -> list[LogEvent]:
+        return [e for e in self.events if e.get("log_namespace", "").endswith("BrokerApi")]
+
+    def assertOneWarning(self) -> None:
+        [event] = self.api_events()
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertNotIn("log_failure", event)
+        text = formatEvent(event)
+        for fragment in (KEY, "ffmuc_welt", "service stopped"):
+            self.assertIn(fragment, text)
+
+    def test_failed_publish_logged_without_traceback(self) -> None:
+        """A publish that fails while the reply waits is a warning naming key, domain and reason, no traceback."""
+        d = self.b.treq.post(V1, data=body(), headers=GLUON_HEADERS)
+        self.b.bus.published[0].deferred.errback(RuntimeError("MQTT service stopped before the server acked"))
+        self.b.treq.flush()
+        self.assertEqual(self.successResultOf(d).code, 503)
+        self.assertOneWarning()
+
+    def test_lost_queued_key_logged_without_traceback(self) -> None:
+        """A key queued while MQTT was down and dropped at stop is a warning naming it, no traceback."""
+        self.b.bus.connected = False
+        self.assertEqual(self.post(V1, body(), ack=False)[0], 200)
+        self.b.bus.published[0].deferred.errback(RuntimeError("MQTT service stopped before the server acked"))
+        self.assertOneWarning()
 
 
 class QueueTests(ApiCase):

@@ -89,6 +89,12 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": {"message": message}}).encode("utf-8")
 
 
+def _reason(failure: Failure) -> str:
+    """One line for a failed publish: exception type and message."""
+    name = failure.type.__name__ if failure.type is not None else "error"
+    return f"{name}: {failure.getErrorMessage()}"
+
+
 def _kind(value: object) -> str:
     """A JSON type name for error messages."""
     if value is None:
@@ -246,7 +252,8 @@ class BrokerApi:
                 # its way. Klein drops the cancellation quietly.
                 self.metrics.observe(endpoint, 499, None)
                 return failure
-            self.log.failure("Publishing key {key} for domain {domain} failed", failure, key=key, domain=domain)
+            self.log.warn("Publishing key {key} for domain {domain} failed: {reason}; answering 503",
+                          key=key, domain=domain, reason=_reason(failure))
             if chosen is not None:
                 self.picture.unchoose(*chosen)
             return self._refused(
@@ -304,7 +311,10 @@ class BrokerApi:
         return self._bounded(d, key, domain)
 
     def _lost(self, failure: Failure, key: str, domain: str) -> None:
-        self.log.failure("Queued key {key} for domain {domain} was not published", failure, key=key, domain=domain)
+        # The MQTT service fails a publish only when it stops before the server has it
+        # (and logs how many): an expected event, so one line and no traceback.
+        self.log.warn("Key {key} for domain {domain}, already answered 200, was not published: {reason}",
+                      key=key, domain=domain, reason=_reason(failure))
 
     def _bounded(self, d: Deferred[None], key: str, domain: str) -> Deferred[bytes]:
         """A Deferred that fires when ``d`` does or after the publish timeout, whichever is first.
