@@ -86,14 +86,36 @@ class PictureTests(SynchronousTestCase):
         self.assertTrue(self.picture.workers["gw1"].online)
 
     def test_empty_payload_clears(self) -> None:
-        """An empty retained payload (deletion) clears data, metric or status."""
+        """An empty retained payload (deletion) clears status, data or metric; with all gone the worker is forgotten."""
         self.feed_worker()
-        self.picture.handle("wireguard-worker/gw1/ffmuc_welt/data", b"")
-        self.assertNotIn("ffmuc_welt", self.picture.workers["gw1"].data)
-        self.picture.handle("wireguard-metrics/ffmuc_welt/gw1/connected_peers", b"")
-        self.assertEqual(self.picture.workers["gw1"].peers, {})
         self.picture.handle("wireguard-worker/gw1/status", b"")
         self.assertFalse(self.picture.workers["gw1"].online)
+        self.assertIn("ffmuc_welt", self.picture.workers["gw1"].data)
+        self.picture.handle("wireguard-worker/gw1/ffmuc_welt/data", b"")
+        self.assertNotIn("ffmuc_welt", self.picture.workers["gw1"].data)
+        self.assertEqual(self.picture.workers["gw1"].peers, {"ffmuc_welt": 12})
+        self.picture.handle("wireguard-metrics/ffmuc_welt/gw1/connected_peers", b"")
+        self.assertNotIn("gw1", self.picture.workers)
+
+    def test_clearing_unknown_worker_creates_nothing(self) -> None:
+        """Deleting retained messages of a worker never seen (a decommissioned one) adds nothing and is not an error."""
+        self.picture.handle("wireguard-worker/old/status", b"")
+        self.picture.handle("wireguard-worker/old/ffmuc_welt/data", b"")
+        self.picture.handle("wireguard-metrics/ffmuc_welt/old/connected_peers", b"")
+        self.picture.handle("wireguard-worker/old/ffmuc_gone/data", b"")
+        self.picture.handle("wireguard-metrics/ffmuc_gone/old/connected_peers", b"")
+        self.assertEqual(self.picture.workers, {})
+        self.assertEqual(self.picture.invalid, {})
+
+    def test_retained_status_keeps_worker_known(self) -> None:
+        """A worker whose status is still retained stays known when its data and metric are deleted (as on restart)."""
+        self.feed_worker()
+        self.picture.handle("wireguard-worker/gw1/status", b"0")
+        self.picture.handle("wireguard-worker/gw1/ffmuc_welt/data", b"")
+        self.picture.handle("wireguard-metrics/ffmuc_welt/gw1/connected_peers", b"")
+        self.assertFalse(self.picture.workers["gw1"].online)
+        self.picture.handle("wireguard-worker/gw1/status", b"")
+        self.assertNotIn("gw1", self.picture.workers)
 
     def test_last_seen_follows_clock(self) -> None:
         """Every message updates when the worker was last heard from."""

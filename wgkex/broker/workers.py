@@ -16,7 +16,9 @@ Payloads from the bus are untrusted: anything malformed (non-integer metric,
 non-JSON or wrongly typed data, unknown domain, empty names) is refused with a
 reason, counted per kind and logged (at most one line per kind and interval),
 and never changes the picture. An empty payload is how a retained message is
-deleted on MQTT, so it clears what it stood for.
+deleted on MQTT, so it clears what it stood for (never an error, even for a
+worker or domain not known here); a worker with none of its messages left is
+forgotten, exactly as a broker started afterwards would not know it.
 
 While the bus is down the picture is kept as it was: v2 keeps answering from
 the last known state, and the retained messages re-sent on reconnect bring it
@@ -81,6 +83,8 @@ class WorkerState:
 
     name: str
     online: bool = False
+    #: A status message (1 or 0) is retained for this worker (not deleted).
+    has_status: bool = False
     #: domain -> endpoint data
     data: dict[str, Endpoint] = field(default_factory=dict)
     #: domain -> connected peers (the last metric, plus the broker's own choices since)
@@ -95,6 +99,10 @@ class WorkerState:
     def total_peers(self) -> int:
         """Connected peers over all domains (negative metrics count as 0)."""
         return sum(p for p in self.peers.values() if p > 0)
+
+    def forgotten(self) -> bool:
+        """Nothing about this worker is retained on the bus any more."""
+        return not self.has_status and not self.data and not self.peers
 
 
 def parse_endpoint(payload: bytes) -> Endpoint:
@@ -197,30 +205,56 @@ class WorkerPicture:
         if domain not in self.domains:
             raise BadMessage(kind, f"domain {domain[:100]!r} is not configured on this broker")
 
+    def _cleared(self, name: str) -> WorkerState | None:
+        """The worker an empty payload (a deleted retained message) is about, if known."""
+        state = self.workers.get(name)
+        if state is not None:
+            state.last_seen = self._clock.seconds()
+        return state
+
+    def _forget_if_gone(self, state: WorkerState) -> None:
+        # Once all its retained messages are deleted a broker started now would not
+        # know the worker either (a decommissioned gateway): drop it.
+        if state.forgotten():
+            del self.workers[state.name]
+
     def _status(self, name: str, payload: bytes) -> None:
-        online = False if payload == b"" else parse_status(payload)
+        if payload == b"":
+            state = self._cleared(name)
+            if state is not None:
+                state.online = state.has_status = False
+                self._forget_if_gone(state)
+            return
+        online = parse_status(payload)
         state = self._worker(name, "status")
         state.online = online
+        state.has_status = True
         state.last_seen = self._clock.seconds()
 
     def _data(self, name: str, domain: str, payload: bytes) -> None:
+        if payload == b"":
+            state = self._cleared(name)
+            if state is not None:
+                state.data.pop(domain, None)
+                self._forget_if_gone(state)
+            return
         self._domain(domain, "data")
-        endpoint = None if payload == b"" else parse_endpoint(payload)
+        endpoint = parse_endpoint(payload)
         state = self._worker(name, "data")
-        if endpoint is None:
-            state.data.pop(domain, None)
-        else:
-            state.data[domain] = endpoint
+        state.data[domain] = endpoint
         state.last_seen = self._clock.seconds()
 
     def _metric(self, name: str, domain: str, payload: bytes) -> None:
+        if payload == b"":
+            state = self._cleared(name)
+            if state is not None:
+                state.peers.pop(domain, None)
+                self._forget_if_gone(state)
+            return
         self._domain(domain, "metric")
-        value = None if payload == b"" else parse_metric(payload)
+        value = parse_metric(payload)
         state = self._worker(name, "metric")
-        if value is None:
-            state.peers.pop(domain, None)
-        else:
-            state.peers[domain] = value
+        state.peers[domain] = value
         state.last_seen = self._clock.seconds()
 
     def count_invalid(self, kind: str) -> None:
