@@ -12,7 +12,10 @@
   interface is recreated (new index) and retries a failed bind on the next
   check.
 * **Status** (:func:`status_site`): ``/metrics`` (Prometheus text) and
-  ``/healthz`` on ``worker_listen``.
+  ``/healthz`` on ``worker_listen``, served by :class:`StatusListener`. They
+  are a side job: when the address is taken (9101 is also the HAProxy
+  exporter's port) or missing, the worker logs it, goes on installing keys
+  and tries again every :data:`STATUS_RETRY_INTERVAL` seconds.
 
 Neither site logs requests: thousands of routers check every minute.
 """
@@ -24,10 +27,13 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorSocket
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorSocket, IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request, Site
@@ -37,6 +43,9 @@ from wgkex.worker.watch import InterfaceState
 
 #: ``IP_FREEBIND`` (Linux): bind before duplicate address detection has finished.
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+
+#: Seconds between tries to listen on ``worker_listen`` while it fails.
+STATUS_RETRY_INTERVAL = 30.0
 
 
 class QuietSite(Site):
@@ -96,6 +105,71 @@ def status_site(metrics: WorkerMetrics, details: Callable[[], Mapping[str, objec
     root.putChild(b"metrics", _Metrics(metrics))
     root.putChild(b"healthz", _Health(details))
     return QuietSite(root)
+
+
+class StatusListener(Service):
+    """Serves ``site`` on the endpoint ``description``; a failing listen is logged and retried, never fatal.
+
+    Listens in ``startService`` (not in ``privilegedStartService``, where a
+    busy port would abort twistd's start with a traceback).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, reactor: IReactorTime, description: str, site: Site, retry_interval: float = STATUS_RETRY_INTERVAL
+    ) -> None:
+        self._reactor = reactor
+        self._description = description
+        self._site = site
+        self._retry_interval = retry_interval
+        self._port: IListeningPort | None = None
+        self._retry: IDelayedCall | None = None
+        self._last_error: str | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        self._retry = None
+        d: Deferred[IListeningPort] = serverFromString(self._reactor, self._description).listen(self._site)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        if not self.running:
+            port.stopListening()
+            return
+        self._port = port
+        if self._last_error is not None:
+            self._last_error = None
+            self.log.info("worker_listen ({where}): serving /metrics and /healthz now", where=self._description)
+
+    def _failed(self, failure: Failure) -> None:
+        if not self.running:
+            return
+        error = failure.getErrorMessage().rstrip(".")
+        if error != self._last_error:
+            self._last_error = error
+            self.log.error(
+                "worker_listen ({where}): cannot serve /metrics and /healthz: {error}; the worker goes on"
+                " without them and tries again every {interval:g} s (set worker_listen to a free"
+                " address, or to off)",
+                where=self._description,
+                error=error,
+                interval=self._retry_interval,
+            )
+        self._retry = self._reactor.callLater(self._retry_interval, self._listen)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        port, self._port = self._port, None
+        if port is None:
+            return succeed(None)
+        return maybeDeferred(port.stopListening).addCallback(lambda _: None)
 
 
 def listen_link_local(

@@ -5,7 +5,7 @@
     WorkerRoot
      ├─ BackendPool     the netlink/UAPI thread and its backends   (starts first)
      ├─ WorkerService   keys in, reports out, sweeps, interface watch, connectivity check
-     ├─ status HTTP     /metrics and /healthz on worker_listen     (optional)
+     ├─ status HTTP     /metrics and /healthz on worker_listen     (optional; a busy address is retried)
      └─ MQTT            subscriptions, last will                    (starts last)
 
 Start order is the list order: the pool exists before a key can arrive, the
@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import LoopingCall
@@ -41,7 +40,7 @@ from twisted.python.failure import Failure
 
 from wgkex.config import Config
 from wgkex.worker.bus import Bus
-from wgkex.worker.http import ConnectivityCheck, Listen, status_site
+from wgkex.worker.http import ConnectivityCheck, Listen, StatusListener, status_site
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.peers import KeyApplier
@@ -247,6 +246,6 @@ def build_worker(
     worker = WorkerService(config, reactor, bus, pool, **kwargs)
     status = None
     if config.worker.listen is not None:
-        status = strports.service(config.worker.listen, status_site(worker.metrics, worker.health), reactor=reactor)
+        status = StatusListener(reactor, config.worker.listen, status_site(worker.metrics, worker.health))
         status.setName("status-http")
     return WorkerRoot(pool, worker, bus, status, support)  # type: ignore[arg-type]
