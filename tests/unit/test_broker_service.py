@@ -131,6 +131,13 @@ class TreeTests(SynchronousTestCase):
         self.assertIn('wgkex_broker_requests_total{endpoint="v2",status="413"} 1.0', text)
         self.assertIn('wgkex_broker_refused_total{reason="too_large"} 1.0', text)
 
+    def test_too_large_with_query_counted_by_endpoint(self) -> None:
+        """A 413 on the key exchange path with a query string still counts for that endpoint (routing ignores it)."""
+        service, _ = self.build()
+        service._too_large(b"/api/v1/wg/key/exchange?v=1")
+        text = service.metrics.render().decode()
+        self.assertIn('wgkex_broker_requests_total{endpoint="v1",status="413"} 1.0', text)
+
     def test_bad_bus_messages_counted(self) -> None:
         """Malformed worker messages show in the metrics by kind."""
         service, _ = self.build()

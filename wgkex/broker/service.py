@@ -131,7 +131,8 @@ class BrokerService(MultiService):
         self.metrics.bus_invalid.labels(kind).inc()
 
     def _too_large(self, path: bytes) -> None:
-        endpoint = {b"/api/v1/wg/key/exchange": "v1", b"/api/v2/wg/key/exchange": "v2"}.get(path, "other")
+        route = path.split(b"?", 1)[0]
+        endpoint = {b"/api/v1/wg/key/exchange": "v1", b"/api/v2/wg/key/exchange": "v2"}.get(route, "other")
         self.metrics.refused.labels("too_large").inc()
         self.metrics.observe(endpoint, 413, None)
 
