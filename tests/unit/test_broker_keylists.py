@@ -113,6 +113,22 @@ class RefusalTests(SynchronousTestCase):
         self.assertIsNotNone(lists.refusal(KEY))
         self.assertIsNone(lists.refusal(KEY2))
 
+    def test_failed_reload_not_reported_as_loaded(self) -> None:
+        """After a reload that failed, the log says which lists stay in force, not that they were loaded."""
+        files = FakeFiles({"block": KEY})
+        lists = KeyLists("block", None, reader=files)
+        lists.load()
+        del files.files["block"]
+        events: list[LogEvent] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        lists.load()
+        texts = [formatEvent(e) for e in events]
+        self.assertFalse([t for t in texts if "loaded" in t], texts)
+        self.assertTrue([t for t in texts if "keeping the previous block list" in t], texts)
+        self.assertTrue([t for t in texts if "1 blocked keys" in t], texts)
+
     def test_fixed_file_recovers(self) -> None:
         """Once the file is readable, a reload lifts the refuse-everything state."""
         files = FakeFiles({})

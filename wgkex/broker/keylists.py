@@ -111,7 +111,7 @@ class KeyLists:
         self.broken = "; ".join(never) if never else None
         if self._loaded:
             self.log.info(
-                "Key lists loaded: {blocked} blocked keys, allow list {allowed}",
+                "Key lists in force: {blocked} blocked keys, allow list {allowed}",
                 blocked=len(self.blocked),
                 allowed="off" if self.allowed is None else f"with {len(self.allowed)} keys",
             )
