@@ -120,7 +120,8 @@ class Gateway:
         testcase.addCleanup(self.ns.delete)
         self.daemons: list[WireGuardGo] = []
         self.wg = self._daemon(self.ns, "wg-x")
-        self.public_key = self.wg.configure(genkey(), listen_port=51820)
+        self.private_key = genkey()
+        self.public_key = self.wg.configure(self.private_key, listen_port=51820)
         self.link_address = lladdr(self.public_key)
         add_vxlan(self.ns, "vx-x", vni=4242, local=self.link_address, dev="wg-x")
         self.worker: Proc | None = None
@@ -150,6 +151,17 @@ class Gateway:
     def cleanup_daemons(self) -> None:
         for daemon in reversed(self.daemons):
             daemon.stop()
+
+    def daemon_beside_worker(self, iface: str) -> WireGuardGo:
+        """A new wireguard-go for ``iface`` in the worker's mount and network namespace (where it looks)."""
+        assert self.worker is not None
+        argv = ["nsenter", "-t", str(self.worker.pid), "-m", "-n", "--", "wireguard-go", "-f", iface]
+        proc = spawn(f"wireguard-go {iface}", argv, os.path.join(self.dir, f"{iface}-again.log"))
+        daemon = WireGuardGo(self.ns, iface, proc)
+        self.daemons.append(daemon)
+        wait_until(lambda: os.path.exists(daemon.uapi_socket) and self.ns.link_exists(iface), 10,
+                   f"wireguard-go {iface} beside the worker")
+        return daemon
 
     # -- the worker ----------------------------------------------------------------------------
 
@@ -235,6 +247,25 @@ class WorkerTestCase(SynchronousTestCase):
         return gw
 
 
+    def check_answers(self, gw: Gateway, address: str) -> None:
+        """Until GET http://[address%wg-x]/ from inside the namespace answers 200."""
+        code = (
+            "import socket,sys\n"
+            f"s = socket.create_connection(('{address}%wg-x', 80), timeout=3)\n"
+            "s.sendall(b'GET / HTTP/1.0\\r\\nHost: gw\\r\\n\\r\\n')\n"
+            "print(s.recv(100).split(b'\\r\\n')[0].decode())\n"
+        )
+
+        def answered() -> str | None:
+            try:
+                return gw.in_ns(code).strip()
+            except Exception:
+                return None
+
+        status_line = wait_until(answered, 10, f"the connectivity check on {address}")
+        self.assertEqual(status_line.split()[1:], ["200", "OK"])
+
+
 class KeysTests(WorkerTestCase):
     def test_key_lands_with_contract_vectors(self) -> None:
         """A key on the bus is a peer with lladdr/128, a route and an FDB entry within 5 s (both vectors)."""
@@ -300,6 +331,73 @@ class KeysTests(WorkerTestCase):
         self.assertEqual(gw.fdb(), [])
         wait_until(lambda: gw.installed(KEY_A) and gw.installed(KEY_B), 10,
                    f"keys re-applied on the new vx-x\n{gw.log_tail()}")
+
+    def test_wireguard_go_restarted_keys_reapplied(self) -> None:
+        """wireguard-go restarted (wg-x, vx-x and their entries gone): keys, data and the check come back, no restart."""
+        gw = self.gateway()
+        data_topic = f"wireguard-worker/{gw.name}/{DOMAIN}/data"
+        gw.bus.subscribe(data_topic)
+        gw.bus.publish(TOPIC, [KEY_A, KEY_B])
+        wait_until(lambda: gw.installed(KEY_A) and gw.installed(KEY_B), 5, "keys installed")
+        wait_until(lambda: gw.bus.all(data_topic), 5, "the first data message")
+        published = len(gw.bus.all(data_topic))
+        gw.wg.stop()
+        wait_until(lambda: not gw.ns.link_exists("vx-x"), 5, "the kernel to drop vx-x with wg-x")
+        # The operator's tooling brings the interfaces back, with the same key.
+        gw.wg = gw.daemon_beside_worker("wg-x")
+        gw.wg.configure(gw.private_key, listen_port=51820)
+        add_vxlan(gw.ns, "vx-x", vni=4242, local=gw.link_address, dev="wg-x")
+        self.assertEqual(gw.peers(), {})
+        wait_until(lambda: gw.installed(KEY_A) and gw.installed(KEY_B), 10,
+                   f"keys re-applied on the new wg-x and vx-x\n{gw.log_tail()}")
+        wait_until(lambda: len(gw.bus.all(data_topic)) > published, 5, "the data published again")
+        data = json.loads(gw.bus.all(data_topic)[-1])
+        self.assertEqual((data["PublicKey"], data["Port"]), (gw.public_key, 51820))
+        self.check_answers(gw, gw.link_address)
+        self.assertTrue(gw.worker is not None and gw.worker.is_ours())
+
+    def test_domain_with_missing_interface(self) -> None:
+        """Two domains, wg-y missing: x's keys land, y reports -1 and no data; once wg-y exists its keys land."""
+        gw = self.gateway(domains=[DOMAIN, "ffmuc_y"])
+        metric_y = f"wireguard-metrics/ffmuc_y/{gw.name}/connected_peers"
+        data_y = f"wireguard-worker/{gw.name}/ffmuc_y/data"
+        gw.bus.subscribe(metric_y)
+        gw.bus.subscribe(data_y)
+        gw.bus.publish("wireguard/ffmuc_y/all", [KEY_B])
+        gw.bus.publish(TOPIC, [KEY_A])
+        wait_until(lambda: gw.installed(KEY_A), 5, "the key of the domain whose interfaces exist")
+        wait_until(lambda: gw.bus.last(metric_y) == b"-1", 5, "metric -1 for the missing domain")
+        self.assertEqual(gw.bus.all(data_y), [])
+        wg_y = gw.daemon_beside_worker("wg-y")
+        public_y = wg_y.configure(genkey(), listen_port=51821)
+        add_vxlan(gw.ns, "vx-y", vni=4243, local=lladdr(public_y), dev="wg-y")
+        ll_b = ipaddress.IPv6Address(LL_B)
+
+        def landed() -> bool:
+            fdb = {ipaddress.IPv6Address(e["dst"]) for e in fdb_entries(gw.ns, "vx-y") if "dst" in e}
+            return (wg_y.peers().get(KEY_B) is not None and ll_b in fdb
+                    and ipaddress.IPv6Network(f"{LL_B}/128") in {ipaddress.IPv6Network(r) for r in routes(gw.ns, "wg-y")})
+
+        wait_until(landed, 10, f"the key on wg-y once it exists\n{gw.log_tail()}")
+        wait_until(lambda: gw.bus.last(data_y), 10, "data for the domain once its interface exists")
+        self.assertEqual(json.loads(gw.bus.last(data_y) or b"{}")["PublicKey"], public_y)
+        self.assertEqual(set(gw.peers()), {KEY_A})
+
+    def test_sigterm_during_a_large_batch(self) -> None:
+        """SIGTERM while thousands of keys are being applied: they are applied, goodbye is published, exit 0."""
+        gw = self.gateway()
+        status_topic = f"wireguard-worker/{gw.name}/status"
+        metric_topic = f"wireguard-metrics/{DOMAIN}/{gw.name}/connected_peers"
+        gw.bus.subscribe(metric_topic)
+        keys = distinct_keys(5000, 13)
+        gw.bus.publish(TOPIC, keys)
+        wait_until(lambda: gw.peers(), 10, "the first peers", interval=0.01)
+        self.assertEqual(gw.stop_worker(signal.SIGTERM), 0)
+        wait_until(lambda: gw.bus.last(status_topic) == b"0" and gw.bus.last(metric_topic) == b"-1", 5,
+                   "goodbye messages")
+        self.assertTrue(gw.all_installed(keys), "keys received before SIGTERM were not all applied")
+        with open(gw.log) as f:
+            self.assertNotIn("Traceback", f.read())
 
     def test_burst_of_2000(self) -> None:
         """2,000 keys published at once are all installed quickly (the figure is printed)."""
@@ -371,24 +469,6 @@ class ReportTests(WorkerTestCase):
         bus.subscribe(metric_topic)
         wait_until(lambda: bus.last(status_topic) == b"0" and bus.last(metric_topic) == b"-1", 5,
                    "retained goodbye")
-
-    def check_answers(self, gw: Gateway, address: str) -> None:
-        """Until GET http://[address%wg-x]/ from inside the namespace answers 200."""
-        code = (
-            "import socket,sys\n"
-            f"s = socket.create_connection(('{address}%wg-x', 80), timeout=3)\n"
-            "s.sendall(b'GET / HTTP/1.0\\r\\nHost: gw\\r\\n\\r\\n')\n"
-            "print(s.recv(100).split(b'\\r\\n')[0].decode())\n"
-        )
-
-        def answered() -> str | None:
-            try:
-                return gw.in_ns(code).strip()
-            except Exception:
-                return None
-
-        status_line = wait_until(answered, 10, f"the connectivity check on {address}")
-        self.assertEqual(status_line.split()[1:], ["200", "OK"])
 
     def test_connectivity_check(self) -> None:
         """Inside the namespace, GET http://[LinkAddress%wg-x]/ answers 200."""
