@@ -230,6 +230,29 @@ class WorkerTreeTests(SynchronousTestCase):
         self.assertTrue(self.kernel.has("welt", KEY_A) and self.kernel.has("welt", KEY_B))
         self.assertEqual(json.loads(self.bus.last(DATA_WELT) or b"")["Port"], 51999)
 
+    def test_recreated_interface_gives_peers_time_to_shake_hands(self) -> None:
+        """Peers re-installed after wireguard-go restarted are not swept before they could shake hands again."""
+        self.start()  # cleanup_interval 1 h, peer_timeout 3 h
+        self.bus.connect()
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
+        # The router stays connected: a fresh handshake every half hour.
+        for _ in range(7):
+            self.reactor.advance(1800)
+            self.wg.handshake("wg-welt", KEY_A, self.reactor.seconds())
+        self.reactor.advance(1800 - 60)
+        self.wg.handshake("wg-welt", KEY_A, self.reactor.seconds())
+        # wireguard-go restarts a minute before the 4 h sweep: the peer is back, not yet handshaked.
+        self.kernel.delete("wg-welt")
+        self.kernel.delete("vx-welt")
+        self.kernel.add_domain("welt", address="fe80::1")
+        self.reactor.advance(WATCH_INTERVAL)
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+        self.reactor.advance(60 - WATCH_INTERVAL)  # the sweep at 4 h
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+        # A router that really went away is still swept, peer_timeout after the restart.
+        self.reactor.advance(3 * 3600 + 60)
+        self.assertTrue(self.kernel.nothing_on("welt", KEY_A))
+
     def test_recreated_between_checks(self) -> None:
         """An interface recreated between two checks (new index, same name) is noticed too."""
         self.start()

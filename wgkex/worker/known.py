@@ -9,7 +9,10 @@ interface at start-up) with the time the worker first knew it. Two uses:
   so a restart never sweeps fresh keys.
 * **Re-applying** after wireguard-go restarts: the kernel then deletes
   ``wg-*``, the VXLAN on top and its routes and FDB entries; the worker queues
-  every known key of that domain again once the interfaces are back.
+  every known key of that domain again once the interfaces are back. Those
+  peers start without a handshake, so their clock starts again too
+  (:meth:`KnownKeys.restart_clock`): a sweep right after the restart must not
+  take routers that were connected a minute ago.
 
 Nothing is persisted: after a restart the first dump is the memory.
 Only the reactor thread touches this object; the sweep works on a snapshot.
@@ -41,6 +44,15 @@ class KnownKeys:
         for key in keys:
             known.setdefault(key, now)
         return len(known) - before
+
+    def restart_clock(self, domain: str, now: float) -> None:
+        """Count every key of ``domain`` as first seen ``now`` (its peers are being installed afresh)."""
+        known = self._first_seen[domain]
+        for key in known:
+            known[key] = now
+        if self._touched is not None:
+            # A sweep running now decided on the old times: it must not forget these keys.
+            self._touched[domain].update(known)
 
     def keys(self, domain: str) -> list[str]:
         """Every key known on ``domain``."""

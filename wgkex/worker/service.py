@@ -169,6 +169,8 @@ class WorkerService(Service):
             return
         recreated = old is not None and (old.wg_index != new.wg_index or old.vx_index != new.vx_index)
         if recreated:
+            # The peers come back without a handshake: give them peer_timeout to make one.
+            self.known.restart_clock(domain, self._clock.seconds())
             count = self.applier.reapply(domain)
             self.log.info(
                 "Domain {domain}: {wg}/{vx} (re)appeared; re-applying {count} known key(s)",
