@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import tempfile
 import threading
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from wgkex.lab import demo
 from wgkex.lab.proc import LabError, Proc, spawn
 from wgkex.lab.router import parse_v2, post_key
 from wgkex.lab.state import Ledger
@@ -119,3 +122,31 @@ class LedgerTests(SynchronousTestCase):
         proc = spawn("quick", ["true"], os.devnull)
         self.assertTrue(proc.wait_gone(5))
         self.assertFalse(proc.send(15))
+
+
+class DemoOutcomeTests(SynchronousTestCase):
+    def test_keep_after_failed_start_promises_nothing(self) -> None:
+        """KEEP=1 when the lab could not even start: exit 1 and no "keeps running" (up already removed it)."""
+
+        state = self.mktemp()  # never created: nothing of the lab is left after its failed start
+
+        class FailingLab:
+            directory = state
+            gateways: dict[str, Any] = {}
+
+            def __init__(self, lab_id: str) -> None:
+                self.ledger = Ledger(state)
+
+            def up(self) -> None:
+                raise LabError("mosquitto exited: port in use")
+
+            def down(self) -> list[str]:
+                return []
+
+        self.patch(demo, "Lab", FailingLab)
+        out = io.StringIO()
+        self.assertEqual(demo.run_demo(True, out=out), 1)
+        text = out.getvalue()
+        self.assertIn("FAILED: mosquitto exited: port in use", text)
+        self.assertNotIn("keeps running", text)
+        self.assertNotIn("make lab-down", text)

@@ -133,7 +133,9 @@ def run_demo(keep: bool, out: TextIO = sys.stdout, lab_id: str = "demo") -> int:
         out.write("\ninterrupted\n")
         keep = False
     finally:
-        if keep:
+        if keep and not lab.ledger.exists:
+            out.write("\nNothing of the lab is left running (it could not start), so KEEP=1 keeps nothing.\n")
+        elif keep:
             out.write("\nThe lab keeps running (KEEP=1). Look around, for example:\n"
                       f"    ip netns exec wgkex-{lab_id}-node1 ping fe80::1%{VX_IFACE}\n"
                       f"    nsenter -t {lab.gateways['gw1'].wg.pid if 'gw1' in lab.gateways else '<pid>'}"
