@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -267,12 +268,22 @@ def _as_float(value: object) -> float | None:
     return None
 
 
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
 def _endpoint(host: str, port: int) -> str:
-    """A Twisted TCP server endpoint description for ``host``/``port``."""
+    """A Twisted TCP server endpoint description for ``host``/``port``.
+
+    ``host`` is an IP address (IPv6 with or without brackets) or, as the
+    original implementation allowed, a host name such as ``localhost``, which
+    the listener resolves when it binds.
+    """
     try:
         address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError as exc:
-        raise ValueError(f"must be an IP address, got {host!r}") from exc
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise ValueError(f"must be an IP address or a host name, got {host!r}") from None
+        return f"tcp:{port}:interface={host}"
     # Endpoint descriptions use ':' as separator, so IPv6 colons are escaped.
     escaped = str(address).replace(":", "\\:")
     return f"tcp:{port}:interface={escaped}"

@@ -119,6 +119,16 @@ class ListenTests(SynchronousTestCase):
         self.assertEqual(self.parse({"host": "::1", "port": 8080}), "tcp:8080:interface=\\:\\:1")
         self.assertEqual(self.parse("[::]:443"), "tcp:443:interface=\\:\\:")
 
+    def test_host_name(self) -> None:
+        """A host name, as the original accepted, is passed to the listener to resolve."""
+        self.assertEqual(self.parse({"host": "localhost"}), "tcp:5000:interface=localhost")
+        self.assertEqual(self.parse("localhost:8080"), "tcp:8080:interface=localhost")
+
+    def test_bad_host(self) -> None:
+        """Something that is neither an address nor a host name is refused, naming the key."""
+        exc = self.assertRaises(ConfigError, self.parse, {"host": "no such/host"})
+        self.assertIn("broker_listen.host: must be an IP address or a host name", str(exc))
+
     def test_endpoint_string(self) -> None:
         """An endpoint description (e.g. TLS) is taken as it is."""
         ep = "ssl:443:privateKey=/etc/k.pem:certKey=/etc/c.pem"
