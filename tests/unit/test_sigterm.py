@@ -77,3 +77,25 @@ class CleanSigtermTests(SynchronousTestCase):
         self.service.stopService()
         self.reactor.run()
         self.assertEqual(self.signals.handlers[signal.SIGTERM], "reactor's handler")
+
+    def test_sighup_logged_when_asked(self) -> None:
+        """With a hangup message, SIGHUP is logged instead of ending the process; stop restores it."""
+        events: list[dict[str, Any]] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = CleanSigterm(self.reactor, self.signals, hangup="nothing to reload")
+        service.startService()
+        self.reactor.run()
+        self.signals.handlers[signal.SIGHUP](signal.SIGHUP, None)
+        self.assertEqual(self.reactor.stopped, 0)
+        self.assertTrue(any(e.get("what") == "nothing to reload" for e in events))
+        service.stopService()
+        self.assertIsNone(self.signals.handlers[signal.SIGHUP])
+
+    def test_sighup_untouched_by_default(self) -> None:
+        """Without a hangup message SIGHUP is left alone (the broker reloads key lists on it)."""
+        self.service.startService()
+        self.reactor.run()
+        self.assertNotIn(signal.SIGHUP, self.signals.handlers)
