@@ -92,7 +92,7 @@ class CleanSigtermTests(SynchronousTestCase):
         self.assertEqual(self.reactor.stopped, 0)
         self.assertTrue(any(e.get("what") == "nothing to reload" for e in events))
         service.stopService()
-        self.assertIsNone(self.signals.handlers[signal.SIGHUP])
+        self.assertEqual(self.signals.handlers[signal.SIGHUP], signal.SIG_DFL)
 
     def test_sighup_untouched_by_default(self) -> None:
         """Without a hangup message SIGHUP is left alone (the broker reloads key lists on it)."""
