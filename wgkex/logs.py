@@ -23,11 +23,13 @@ from twisted.application.service import Service
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    LogBeginner,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
     LogPublisher,
     Logger,
+    globalLogBeginner,
     globalLogPublisher,
 )
 from zope.interface import implementer
@@ -107,8 +109,10 @@ class LoggingService(Service):
         level: str,
         logging_config: Mapping[str, Any] | None,
         publisher: LogPublisher = globalLogPublisher,
+        beginner: LogBeginner | None = None,
     ) -> None:
         self.level = level
+        self._beginner = beginner if beginner is not None else globalLogBeginner
         self.logging_config = logging_config
         self._publisher = publisher
         self._bridge: StdlibToTwisted | None = None
@@ -152,9 +156,16 @@ class LoggingService(Service):
         twistd creates its observer (stdout, --logfile or --syslog) after
         ``makeService`` and offers no hook to wrap it, so the observers are
         taken off the publisher here and re-added behind the filter. Debug is
-        the default of the observers themselves, so nothing is done for it.
+        the default of the observers themselves, so nothing is done for it;
+        nor under ``twist``, which has not begun logging yet at this point.
         """
         if self.level == "debug":
+            return
+        if getattr(self._beginner, "_temporaryObserver", None) is not None:
+            # Logging has not begun: ``twist`` starts the services first and then
+            # begins logging to its own observer, filtered by its --log-level.
+            # Taking the beginner's start-up buffer off the publisher would break
+            # the replay of the buffered events (and twist with it).
             return
         observers = list(getattr(self._publisher, "_observers", ()))
         if not observers:

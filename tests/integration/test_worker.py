@@ -165,9 +165,13 @@ class Gateway:
 
     # -- the worker ----------------------------------------------------------------------------
 
-    def start_worker(self) -> Proc:
-        argv = self.wg.enter_argv([twistd(), "-n", "--pidfile=", "wgkex-worker", "--config", self.config])
-        self.worker = spawn(f"worker {self.name}", argv, self.log)
+    def start_worker(self, runner: str = "twistd") -> Proc:
+        """Start ``twistd -n wgkex-worker`` (or, with ``runner="twist"``, ``twist wgkex-worker``)."""
+        if runner == "twist":
+            command = [os.path.join(os.path.dirname(twistd()), "twist"), "wgkex-worker"]
+        else:
+            command = [twistd(), "-n", "--pidfile=", "wgkex-worker"]
+        self.worker = spawn(f"worker {self.name}", self.wg.enter_argv([*command, "--config", self.config]), self.log)
         return self.worker
 
     def wait_online(self) -> None:
@@ -421,6 +425,18 @@ class KeysTests(WorkerTestCase):
 
 
 class ReportTests(WorkerTestCase):
+    def test_runs_under_twist(self) -> None:
+        """``twist wgkex-worker`` works like twistd: online, keys land, SIGTERM says goodbye and exits 0."""
+        gw = self.gateway(start=False)
+        gw.start_worker(runner="twist")
+        gw.wait_online()
+        gw.bus.publish(TOPIC, [KEY_A])
+        wait_until(lambda: gw.installed(KEY_A), 5, f"the key installed\n{gw.log_tail()}")
+        self.assertEqual(gw.stop_worker(signal.SIGTERM), 0)
+        wait_until(lambda: gw.bus.last(f"wireguard-worker/{gw.name}/status") == b"0", 5, "status 0")
+        with open(gw.log) as f:
+            self.assertNotIn("Traceback", f.read())
+
     def test_retained_payloads(self) -> None:
         """Retained status 1, data (Port, PublicKey, LinkAddress from the interface) and peer count."""
         gw = self.gateway()

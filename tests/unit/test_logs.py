@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
-from twisted.logger import LogEvent, Logger, LogLevel, LogPublisher
+from twisted.logger import LogBeginner, LogEvent, Logger, LogLevel, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from wgkex.logs import LoggingService
@@ -17,9 +18,10 @@ class LoggingServiceTests(SynchronousTestCase):
         self.root = logging.getLogger()
         self.old_level = self.root.level
         self.addCleanup(self.root.setLevel, self.old_level)
+        self.beginner: LogBeginner | None = None
 
     def start(self, level: str, logging_config: dict | None = None) -> LoggingService:  # type: ignore[type-arg]
-        service = LoggingService(level, logging_config, self.publisher)
+        service = LoggingService(level, logging_config, self.publisher, self.beginner)
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
         return service
@@ -60,3 +62,19 @@ class LoggingServiceTests(SynchronousTestCase):
         errors = [e for e in self.events if e["log_level"] == LogLevel.error]
         self.assertEqual(len(errors), 1)
         self.assertIn("logging_config", errors[0]["log_format"])
+
+    def test_started_before_logging_began(self) -> None:
+        """Under ``twist`` services start before logging begins: the start-up buffer replays intact."""
+        import io
+        import sys
+
+        publisher = LogPublisher()
+        self.publisher = publisher
+        self.beginner = LogBeginner(publisher, io.StringIO(), sys, warnings)
+        self.start("warn")
+        log = Logger(namespace="wgkex.test", observer=publisher)
+        log.info("before")
+        self.beginner.beginLoggingTo([self.events.append], redirectStandardIO=False)
+        log.info("after")
+        # Nothing is filtered here: twist filters its own observer with --log-level.
+        self.assertEqual([e["log_format"] for e in self.events], ["before", "after"])
