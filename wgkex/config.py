@@ -30,6 +30,9 @@ ENV_VAR = "WGKEX_CONFIG_FILE"
 
 #: Linux interface names are at most 15 bytes (IFNAMSIZ minus the NUL).
 IFNAMSIZ = 15
+#: Characters a domain cannot hold: MQTT topic separators and wildcards, and what
+#: Linux refuses in interface names (besides whitespace).
+_NOT_IN_DOMAINS = frozenset("/+#:\0")
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 BACKENDS = ("auto", "kernel", "uapi")
@@ -351,6 +354,13 @@ def parse_config(
         name = domain[len(prefix):]
         if not name:
             raise top.fail("domains", f"domain {domain!r} is only its prefix; nothing is left for an interface name")
+        if any(c in _NOT_IN_DOMAINS or c.isspace() for c in domain):
+            # The domain is an MQTT topic level and part of the wg-/vx- interface names.
+            raise top.fail(
+                "domains",
+                f"domain {domain!r} may not contain '/', '+', '#', ':' or whitespace"
+                " (it is an MQTT topic level and part of interface names)",
+            )
         if name in short:
             raise top.fail("domains", f"domains {short[name]!r} and {domain!r} both strip to {name!r}")
         if len(("wg-" + name).encode()) > IFNAMSIZ:

@@ -219,6 +219,13 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("'wg-muenchen_sued'", text)
         self.assertIn("longer than 15 bytes", text)
 
+    def test_domain_unusable_in_topics_or_interface_names(self) -> None:
+        """A domain with MQTT wildcards, '/', ':' or whitespace is refused at start (not a traceback later)."""
+        for domain in ("ffmuc_a+b", "ffmuc_a#", "ffmuc_c/d", "ffmuc_x y", "ffmuc_a:b", "ffmuc_tab\t"):
+            text = self.error({"domains": [domain], "domain_prefixes": ["ffmuc_"]})
+            self.assertIn(f"domains: domain {domain!r}", text)
+            self.assertIn("may not contain", text)
+
     def test_missing_domains(self) -> None:
         """At least one domain and prefix are required."""
         self.assertIn("domains: must list at least one domain", self.error({"domain_prefixes": ["ffmuc_"]}))
