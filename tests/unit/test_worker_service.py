@@ -395,6 +395,10 @@ class WorkerTreeTests(SynchronousTestCase):
         self.successResultOf(root.stopService())
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_malformed_worker_listen_fails_while_building(self) -> None:
+        """A malformed worker_listen endpoint stops the start while building (before threads exist), not later."""
+        self.assertRaises(ValueError, self.build, make_config(worker_listen="tcp:notaport"))
+
     def test_support_services_first_and_last(self) -> None:
         """Support services (logging, SIGTERM) start before everything and stop after everything."""
         from twisted.application.service import Service

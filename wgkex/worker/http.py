@@ -111,7 +111,9 @@ class StatusListener(Service):
     """Serves ``site`` on the endpoint ``description``; a failing listen is logged and retried, never fatal.
 
     Listens in ``startService`` (not in ``privilegedStartService``, where a
-    busy port would abort twistd's start with a traceback).
+    busy port would abort twistd's start with a traceback). The description is
+    parsed here, when the tree is built (this opens nothing), so that a
+    malformed one stops the process before any thread has started.
     """
 
     log = Logger()
@@ -121,6 +123,7 @@ class StatusListener(Service):
     ) -> None:
         self._reactor = reactor
         self._description = description
+        self._endpoint = serverFromString(reactor, description)
         self._site = site
         self._retry_interval = retry_interval
         self._port: IListeningPort | None = None
@@ -133,7 +136,7 @@ class StatusListener(Service):
 
     def _listen(self) -> None:
         self._retry = None
-        d: Deferred[IListeningPort] = serverFromString(self._reactor, self._description).listen(self._site)
+        d: Deferred[IListeningPort] = self._endpoint.listen(self._site)
         d.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:
