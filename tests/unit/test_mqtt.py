@@ -10,6 +10,7 @@ socket (``transport: unix``), so no network and no sleeps are involved.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -18,13 +19,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import paho.mqtt.client as paho
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from wgkex.config import MqttConfig
-from wgkex.mqtt import WINDOW, Backoff, MqttService, MqttStopped, QueueFull, Will, describe_server
+from wgkex.mqtt import (
+    READ_BURST,
+    WINDOW,
+    Backoff,
+    MqttService,
+    MqttStopped,
+    QueueFull,
+    TopicFilter,
+    Will,
+    describe_server,
+)
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
 
@@ -646,6 +658,64 @@ class MessageTests(MqttTestCase):
         self.pump()
         self.assertEqual(status, [("wireguard-worker/gw1/status", b"1", True)])
         self.assertEqual(keys, [("wireguard/ffmuc_welt/all", b"k", False)])
+
+
+    def test_burst_read_in_bounded_turns(self) -> None:
+        """Messages waiting together are read READ_BURST per readable event, each acknowledged."""
+        service = self.make()
+        got: list[bytes] = []
+        service.subscribe("wireguard/+/all", 1, lambda topic, payload, retained: got.append(payload))
+        conn = self.start_connected(service)
+        conn.packets()
+        total = 2 * READ_BURST + 50
+        conn.send(b"".join(
+            publish_packet("wireguard/ffmuc_welt/all", b"k%d" % n, qos=1, mid=n + 1) for n in range(total)
+        ))
+        (reader,) = self.reactor.getReaders()
+        reader.doRead()
+        self.assertEqual(len(got), READ_BURST)
+        reader.doRead()
+        self.assertEqual(len(got), 2 * READ_BURST)
+        packets = self.exchange(conn)
+        self.assertEqual(got, [b"k%d" % n for n in range(total)])
+        self.assertEqual([p.body for p in packets if p.kind == PUBACK], [(n + 1).to_bytes(2, "big") for n in range(total)])
+
+    def test_partial_packet_waits_for_the_rest(self) -> None:
+        """A read stops at a half-arrived packet without blocking; the rest completes it later."""
+        service = self.make()
+        got: list[bytes] = []
+        service.subscribe("wireguard/+/all", 1, lambda topic, payload, retained: got.append(payload))
+        conn = self.start_connected(service)
+        second = publish_packet("wireguard/ffmuc_welt/all", b"second", qos=1, mid=2)
+        conn.send(publish_packet("wireguard/ffmuc_welt/all", b"first", qos=1, mid=1) + second[:7])
+        (reader,) = self.reactor.getReaders()
+        reader.doRead()
+        self.assertEqual(got, [b"first"])
+        conn.send(second[7:])
+        reader.doRead()
+        self.assertEqual(got, [b"first", b"second"])
+
+
+class TopicFilterTests(SynchronousTestCase):
+    def test_matches_like_the_mqtt_spec(self) -> None:
+        """Wildcards match as MQTT 3.1.1 section 4.7 says, checked against paho's own matcher."""
+        levels = ["wireguard", "ffmuc_welt", "all", "", "$SYS", "+", "#"]
+        filters = ["#", "+", "wireguard/+/+", "wireguard/#", "wireguard/+/all", "+/+/all", "wireguard/ffmuc_welt/all",
+                   "+/#", "wireguard/+", "/+", "$SYS/#", "wireguard//all", "+/ffmuc_welt/#"]
+        topics = ["/".join(p) for n in (1, 2, 3, 4) for p in itertools.product(levels[:5], repeat=n)]
+        for topic_filter in filters:
+            compiled = TopicFilter(topic_filter)
+            for topic in topics:
+                self.assertEqual(compiled.matches(topic), paho.topic_matches_sub(topic_filter, topic),
+                                 f"{topic_filter!r} against {topic!r}")
+
+    def test_examples(self) -> None:
+        """The examples every MQTT reader knows: a/# matches a; + skips $ topics; + matches an empty level."""
+        self.assertTrue(TopicFilter("sport/#").matches("sport"))
+        self.assertFalse(TopicFilter("+/status").matches("$SYS/status"))
+        self.assertTrue(TopicFilter("a/+/c").matches("a//c"))
+        self.assertFalse(TopicFilter("wireguard/+/+").matches("wireguard/ffmuc_welt"))
+        self.assertFalse(TopicFilter("wireguard/+/+").matches("wireguard/ffmuc_welt/all/more"))
 
 
 # -- stopping ----------------------------------------------------------------------------------------
