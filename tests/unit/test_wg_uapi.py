@@ -267,6 +267,22 @@ class AddPeersTests(UapiTestCase):
         self.assertEqual(list(self.daemon.peers), [hexkey(KEY_B)])
         self.assertEqual(self.daemon.private_key, RFC7748_PRIVATE)
 
+    def test_scoped_allowed_ip_never_reaches_the_socket(self) -> None:
+        """An allowed IP with a scope (whose text Python's parser takes as it is) fails alone, unsent."""
+        sneaky = "fe80::1%x\nprivate_key=" + "00" * 32 + "/128"
+        with self.assertRaises(PeersFailed) as raised:
+            self.wg.add_peers(IFACE, [(KEY_A, sneaky), (KEY_B, "fe80::2/128")])
+        self.assertEqual(set(raised.exception.failed), {KEY_A})
+        self.assertIn("is not an address/prefix", raised.exception.failed[KEY_A])
+        self.assertEqual(list(self.daemon.peers), [hexkey(KEY_B)])
+        self.assertEqual(self.daemon.private_key, RFC7748_PRIVATE)
+
+    def test_allowed_ips_other_than_ipv6_hosts_are_rendered_parsed(self) -> None:
+        """IPv6 /128s go out as given (inet_pton-checked); other prefixes and IPv4 are parsed and rendered."""
+        self.wg.add_peers(IFACE, [(KEY_A, "fe80::1/128"), (KEY_B, "FE80::1:0:0:5/64"), (KEY_C, "192.0.2.7/32")])
+        allowed = [line for line in self.sets()[0] if line.startswith("allowed_ip=")]
+        self.assertEqual(allowed, ["allowed_ip=fe80::1/128", "allowed_ip=fe80::/64", "allowed_ip=192.0.2.7/32"])
+
     def test_empty_batch_sends_nothing(self) -> None:
         """No peers, no request."""
         self.wg.add_peers(IFACE, [])

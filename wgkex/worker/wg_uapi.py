@@ -78,6 +78,31 @@ def _key_hex(key: str) -> str:
     return raw.hex()
 
 
+def _allowed_ip(text: str) -> str:
+    """``text`` as an ``allowed_ip`` value; ValueError unless it is an address/prefix.
+
+    Nothing from outside reaches the line protocol raw: an IPv6 host route (what
+    the worker sends, thousands per burst) passes ``inet_pton``, which takes
+    nothing but hex digits, colons and dots; anything else is rendered from
+    its parsed value. A scope (``fe80::1%x``) is refused: Python's parser takes
+    any text after the ``%``, newlines included.
+    """
+    address, slash, prefix = text.partition("/")
+    if slash and prefix == "128":
+        try:
+            socket.inet_pton(socket.AF_INET6, address)
+        except (OSError, ValueError):
+            pass
+        else:
+            return text
+    try:
+        if "%" in text:
+            raise ValueError("scoped address")
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise ValueError(f"allowed IP {text!r} is not an address/prefix") from None
+
+
 def _hex_key(text: str) -> str:
     return base64.b64encode(bytes.fromhex(text)).decode("ascii")
 
@@ -200,12 +225,7 @@ class UapiWireGuard:
             hexkey = _key_hex(key)
         except ValueError as e:
             raise ValueError(f"public key {e}") from None
-        try:
-            # Rendered from the parsed value: nothing from outside reaches the line protocol raw.
-            network = ipaddress.ip_network(allowed_ip, strict=False)
-        except ValueError:
-            raise ValueError(f"allowed IP {allowed_ip!r} is not an address/prefix") from None
-        return f"public_key={hexkey}\nreplace_allowed_ips=true\nallowed_ip={network}\n"
+        return f"public_key={hexkey}\nreplace_allowed_ips=true\nallowed_ip={_allowed_ip(allowed_ip)}\n"
 
     def _set_with_fallback(
         self, iface: str, blocks: list[tuple[str, str]], failed: dict[str, str], what: str
