@@ -7,6 +7,9 @@
   to make single keys or addresses fail the way real backends do.
 * :class:`SyncPool` runs jobs at once; :class:`ManualPool` holds them until
   the test releases them (to see what arrives while a batch is applied).
+* :class:`LazyExecutor` stands in for the pool's WireGuard thread: it runs
+  submitted work only when its result is asked for, so a test sees what a job
+  did while that work was "running".
 * :class:`FakeBus` speaks the ``MqttService`` interface in memory and records
   every publish and the moment it stopped.
 
@@ -17,6 +20,7 @@ built on them rest on something checked.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -277,6 +281,49 @@ class ManualPool:
         return done
 
 
+class LazyExecutor(Executor):
+    """An executor on the caller's thread that runs work only when its result is wanted.
+
+    ``log`` records ("submit", name) when work is handed over and ("run", name)
+    when it runs; ``shut_down`` tells whether :meth:`shutdown` was called.
+    """
+
+    def __init__(self, log: list[tuple[str, str]] | None = None) -> None:
+        self.log: list[tuple[str, str]] = log if log is not None else []
+        self.queue: list[tuple[_LazyFuture, Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+        self.shut_down = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: _LazyFuture = _LazyFuture(self)
+        self.queue.append((future, fn, args, kwargs))
+        self.log.append(("submit", getattr(fn, "__name__", "?")))
+        return future
+
+    def run_next(self) -> None:
+        future, fn, args, kwargs = self.queue.pop(0)
+        self.log.append(("run", getattr(fn, "__name__", "?")))
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        while self.queue:
+            self.run_next()
+        self.shut_down = True
+
+
+class _LazyFuture(Future[Any]):
+    def __init__(self, executor: LazyExecutor) -> None:
+        super().__init__()
+        self._executor = executor
+
+    def result(self, timeout: float | None = None) -> Any:
+        while not self.done():
+            self._executor.run_next()  # work is run in order, like a one-thread executor
+        return super().result(timeout)
+
+
 class FakeBus:
     """``MqttService`` in memory: subscriptions, callbacks, publishes, and an event log."""
 
@@ -411,6 +458,16 @@ class FakesTests(SynchronousTestCase):
         bus.deliver("wireguard/ffmuc_ost/all", b"x")
         bus.deliver("wireguard/ffmuc_welt/all/extra", b"x")
         self.assertEqual(got, ["wireguard/ffmuc_welt/all"])
+
+    def test_lazy_executor_runs_on_demand_in_order(self) -> None:
+        """LazyExecutor runs nothing at submit; asking for a result runs the work queued up to it."""
+        executor = LazyExecutor()
+        first = executor.submit(lambda: 1)
+        second = executor.submit(lambda: 2)
+        self.assertFalse(first.done())
+        self.assertEqual(second.result(), 2)
+        self.assertTrue(first.done())
+        self.assertEqual([what for what, _ in executor.log], ["submit", "submit", "run", "run"])
 
     def test_generated_keys_valid(self) -> None:
         """key(n) gives distinct valid keys."""

@@ -2,17 +2,24 @@
 
 A fake ThreadPool runs each job at once but records it, so the tests see what
 ran "in the thread" and in which order; a fake reactor's ``callFromThread``
-calls straight back.
+calls straight back; a :class:`~tests.unit.test_worker_fakes.LazyExecutor`
+stands in for the WireGuard thread. One test runs the apply pipeline on real
+threads, to show that peers and rtnetlink work really overlap.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_worker_fakes import FakeKernel, FakeRtnl, FakeWireGuard
-from wgkex.worker.pool import Backends, BackendPool, PoolStopped
+from tests.unit.test_worker_fakes import FakeKernel, FakeRtnl, FakeWireGuard, LazyExecutor, key
+from wgkex.worker.backend import InterfaceMissing
+from wgkex.worker.peers import Interfaces, apply_domain
+from wgkex.worker.pool import Backends, BackendPool, PoolStopped, WireGuardThread
 
 
 class FakeThreadPool:
@@ -83,8 +90,13 @@ class BackendPoolTests(SynchronousTestCase):
             self.made.append(rtnl)
             return rtnl
 
+        self.executor = LazyExecutor()
         self.pool = BackendPool(
-            ImmediateReactor(), make_wg, make_rtnl, threadpool_factory=lambda: self.threads  # type: ignore[arg-type,return-value]
+            ImmediateReactor(),  # type: ignore[arg-type]
+            make_wg,
+            make_rtnl,
+            threadpool_factory=lambda: self.threads,  # type: ignore[arg-type,return-value]
+            wireguard_executor_factory=lambda: self.executor,
         )
 
     def test_nothing_before_start(self) -> None:
@@ -137,11 +149,94 @@ class BackendPoolTests(SynchronousTestCase):
         def broken() -> FakeWireGuard:
             raise OSError("no such socket directory")
 
+        executor = LazyExecutor()
         pool = BackendPool(
-            ImmediateReactor(), broken, lambda: FakeRtnl(self.kernel), threadpool_factory=lambda: FakeThreadPool()  # type: ignore[arg-type,return-value]
+            ImmediateReactor(),  # type: ignore[arg-type]
+            broken,
+            lambda: FakeRtnl(self.kernel),
+            threadpool_factory=lambda: FakeThreadPool(),  # type: ignore[arg-type,return-value]
+            wireguard_executor_factory=lambda: executor,
         )
         pool.startService()
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         failure = self.failureResultOf(pool.run(peer_count, "wg-welt"), PoolStopped)
         self.assertIn("no such socket directory", failure.getErrorMessage())
+        self.assertTrue(executor.shut_down)
         self.successResultOf(pool.stopService())
+
+    def test_rtnl_creation_failure_ends_wireguard_thread(self) -> None:
+        """If rtnetlink cannot be created, the WireGuard backend already made is closed and its thread ended."""
+
+        def broken() -> FakeRtnl:
+            raise OSError("netlink refused")
+
+        made: list[FakeWireGuard] = []
+
+        def make_wg() -> FakeWireGuard:
+            made.append(FakeWireGuard(self.kernel))
+            return made[-1]
+
+        executor = LazyExecutor()
+        pool = BackendPool(
+            ImmediateReactor(),  # type: ignore[arg-type]
+            make_wg,
+            broken,
+            threadpool_factory=lambda: FakeThreadPool(),  # type: ignore[arg-type,return-value]
+            wireguard_executor_factory=lambda: executor,
+        )
+        pool.startService()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue(made[0].closed)
+        self.assertTrue(executor.shut_down)
+        self.failureResultOf(pool.run(peer_count, "wg-welt"), PoolStopped)
+        self.successResultOf(pool.stopService())
+
+    def test_wireguard_lives_in_its_thread(self) -> None:
+        """The WireGuard backend is made, called and closed through its executor; the thread ends at stop."""
+        self.pool.startService()
+        self.assertEqual(self.executor.log, [("submit", "make_wg"), ("run", "make_wg")])
+        self.executor.log.clear()
+        self.successResultOf(self.pool.run(peer_count, "wg-welt"))
+        self.assertEqual(self.executor.log, [("submit", "peers"), ("run", "peers")])
+        self.successResultOf(self.pool.stopService())
+        self.assertEqual(self.executor.log[-2:], [("submit", "close"), ("run", "close")])
+        self.assertTrue(self.executor.shut_down)
+        self.assertTrue(self.made[0].closed)  # type: ignore[attr-defined]
+
+    def test_backend_exceptions_keep_their_type(self) -> None:
+        """An exception in the WireGuard thread reaches the job as itself (InterfaceMissing stays one)."""
+        self.pool.startService()
+        self.failureResultOf(self.pool.run(peer_count, "wg-nope"), InterfaceMissing)
+
+
+class PipelineOnThreadsTests(SynchronousTestCase):
+    """apply_domain with a real WireGuard thread: peers of the next chunk overlap rtnetlink of this one."""
+
+    def test_peers_and_routes_overlap(self) -> None:
+        """The routes of chunk 1 are installed while chunk 2's peers are being added in the other thread."""
+        kernel = FakeKernel()
+        kernel.add_domain("welt")
+        second_chunk_adding = threading.Event()
+        routes_seen_overlap: list[bool] = []
+
+        class SlowWireGuard(FakeWireGuard):
+            def add_peers(self, iface: str, peers: Sequence[tuple[str, str]]) -> None:
+                if self.calls:  # the second chunk
+                    second_chunk_adding.set()
+                super().add_peers(iface, peers)
+
+        class WaitingRtnl(FakeRtnl):
+            def replace_routes(self, iface: str, addresses: Sequence[str]) -> dict[str, str]:
+                if not self.calls:  # chunk 1: only goes on once chunk 2's peers are under way
+                    routes_seen_overlap.append(second_chunk_adding.wait(5))
+                return super().replace_routes(iface, addresses)
+
+        wireguard = WireGuardThread(ThreadPoolExecutor(1), lambda: SlowWireGuard(kernel))
+        self.addCleanup(wireguard.close)
+        backends = Backends(wireguard=wireguard, rtnl=WaitingRtnl(kernel))
+        keys = [key(n) for n in range(8)]
+        result = apply_domain(backends, Interfaces("wg-welt", "vx-welt"), keys, chunk=4)
+        self.assertEqual(routes_seen_overlap, [True])
+        self.assertEqual(sorted(result.applied), sorted(keys))
+        self.assertEqual(result.failed, {})
+        self.assertTrue(all(kernel.has("welt", k) for k in keys))

@@ -8,11 +8,15 @@ meanwhile wait in an insertion-ordered set (a key already waiting is dropped as
 a duplicate) and become the next batch, at most ``max_batch`` keys. So a burst
 of thousands of keys costs a handful of round trips.
 
-In the pool, :func:`apply_batch` does per interface: one ``add_peers`` (if it
-fails with a backend error the batch is bisected so that one bad key cannot
-sink the others), one ``replace_routes`` and one ``append_fdb`` for the keys
-whose peer is in. Every key ends either applied or failed with a reason; the
-failures are counted, logged with key and interface, and kept for a retry.
+In the pool, :func:`apply_batch` does per interface and chunk of at most
+:data:`CHUNK` keys: one ``add_peers`` (if it fails with a backend error the
+chunk is bisected so that one bad key cannot sink the others), one
+``replace_routes`` and one ``append_fdb`` for the keys whose peer is in. The
+chunks form a two-stage pipeline: while rtnetlink installs the routes and FDB
+entries of chunk *n*, the pool's WireGuard thread adds the peers of chunk
+*n + 1* (wireguard-go and the kernel each keep a CPU busy; in sequence a burst
+would cost their sum). Every key ends either applied or failed with a reason;
+the failures are counted, logged with key and interface, and kept for a retry.
 
 Recovery: every valid key is remembered in :class:`~wgkex.worker.known.KnownKeys`.
 When the interface watch sees ``wg-<D>`` or ``vx-<D>`` come back (wireguard-go
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, succeed
@@ -43,6 +48,11 @@ from wgkex.worker.ratelog import RateLimitedLog
 
 #: How many keys of one failure a log line names (the count says the rest).
 _SAMPLE = 5
+
+#: Keys per step of the apply pipeline: small enough that the steps overlap
+#: well (wireguard-go takes about 80 µs per new peer), large enough that a
+#: UAPI transaction and a netlink send carry many keys.
+CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -162,25 +172,60 @@ def _rtnl_step(
     return ok
 
 
-def apply_domain(backends: Backends, ifaces: Interfaces, keys: Sequence[str]) -> DomainResult:
-    """Install ``keys`` on one domain: peers, then routes and FDB entries for the keys whose peer is in."""
+def apply_domain(
+    backends: Backends, ifaces: Interfaces, keys: Sequence[str], chunk: int = CHUNK
+) -> DomainResult:
+    """Install ``keys`` on one domain: peers, then routes and FDB entries for the keys whose peer is in.
+
+    Chunk by chunk; the peers of the next chunk are added (in the WireGuard
+    thread) while the routes and FDB entries of this one are installed. Returns
+    only once nothing it started is still running.
+    """
     result = DomainResult()
     addresses = {k: lladdr(k) for k in keys}
-    with_peer = _add_peers(backends.wireguard, ifaces.wg, keys, addresses, result.failed)
-    routed = _rtnl_step(
-        lambda addrs: backends.rtnl.replace_routes(ifaces.wg, addrs), "route", with_peer, addresses, result.failed
-    )
-    # The FDB entry is independent of the route: add it for every key whose peer is in.
-    with_fdb = set(
-        _rtnl_step(
-            lambda addrs: backends.rtnl.append_fdb(ifaces.vx, ifaces.wg, addrs),
-            "fdb",
-            with_peer,
-            addresses,
-            result.failed,
-        )
-    )
-    result.applied = [k for k in routed if k in with_fdb]
+    chunks = [list(keys[i : i + chunk]) for i in range(0, len(keys), max(1, chunk))]
+
+    def add_peers(part: list[str]) -> Callable[[WireGuard], tuple[list[str], dict[str, KeyFailure]]]:
+        def add(wireguard: WireGuard) -> tuple[list[str], dict[str, KeyFailure]]:
+            failed: dict[str, KeyFailure] = {}  # its own: the job thread writes result.failed meanwhile
+            return _add_peers(wireguard, ifaces.wg, part, addresses, failed), failed
+
+        return add
+
+    adding: Future[tuple[list[str], dict[str, KeyFailure]]] | None = None
+    if chunks:
+        adding = backends.start_wireguard(add_peers(chunks[0]))
+    try:
+        for n in range(len(chunks)):
+            assert adding is not None
+            with_peer, failed = adding.result()
+            adding = backends.start_wireguard(add_peers(chunks[n + 1])) if n + 1 < len(chunks) else None
+            result.failed.update(failed)
+            routed = _rtnl_step(
+                lambda addrs: backends.rtnl.replace_routes(ifaces.wg, addrs),
+                "route",
+                with_peer,
+                addresses,
+                result.failed,
+            )
+            # The FDB entry is independent of the route: add it for every key whose peer is in.
+            with_fdb = set(
+                _rtnl_step(
+                    lambda addrs: backends.rtnl.append_fdb(ifaces.vx, ifaces.wg, addrs),
+                    "fdb",
+                    with_peer,
+                    addresses,
+                    result.failed,
+                )
+            )
+            result.applied.extend(k for k in routed if k in with_fdb)
+    finally:
+        if adding is not None:
+            # Something failed here: still let the started step end before the job does.
+            try:
+                adding.result()
+            except BaseException:
+                pass
     return result
 
 

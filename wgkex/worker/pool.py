@@ -1,17 +1,29 @@
-"""The thread where all netlink and UAPI work happens, as a Twisted service.
+"""The threads where all netlink and UAPI work happens, as a Twisted service.
 
-:class:`BackendPool` owns a one-thread :class:`~twisted.python.threadpool.ThreadPool`.
-Its WireGuard and rtnetlink backends are created *in* that thread when the
-service starts (pyroute2 keeps one socket per thread), reused by every job and
-closed in that thread when the service stops. Callers on the reactor use
-:meth:`BackendPool.run`, which hands ``fn(backends, *args)`` to the thread and
-returns a :class:`~twisted.internet.defer.Deferred` of its result.
+:class:`BackendPool` owns a one-thread :class:`~twisted.python.threadpool.ThreadPool`
+(the *job thread*) and a second thread that holds the WireGuard backend
+(:class:`WireGuardThread`). The rtnetlink backend is created *in* the job
+thread when the service starts (pyroute2 keeps one socket per thread), reused
+by every job and closed in that thread when the service stops; the WireGuard
+backend likewise lives, is called and is closed only in its own thread.
+Callers on the reactor use :meth:`BackendPool.run`, which hands
+``fn(backends, *args)`` to the job thread and returns a
+:class:`~twisted.internet.defer.Deferred` of its result.
 
-Why one thread: the backends hold per-thread sockets, and running jobs one
+Why one job thread: the backends hold per-thread sockets, and running jobs one
 after the other gives the order the worker relies on (a key queued after a
 sweep is applied after that sweep's removals). Throughput comes from batching
-(one UAPI transaction and one netlink send per interface and batch), not from
-parallel threads.
+(one UAPI transaction and one netlink send per interface and chunk of keys),
+not from parallel jobs.
+
+Why a WireGuard thread: within one job, adding peers (wireguard-go spends
+about 80 µs of its own CPU per new peer) and installing routes and FDB entries
+(the kernel works inside our ``send()``) can overlap, so a burst costs about
+the longer of the two rather than their sum. A job asks for that with
+:meth:`Backends.start_wireguard` and waits for what it started before it
+returns, so jobs stay strictly one after the other. A plain
+``backends.wireguard.add_peers(...)`` call simply waits for the WireGuard
+thread.
 
 Anything that only needs "run this with the backends" depends on the
 :class:`Pool` protocol, so tests use a synchronous fake.
@@ -19,7 +31,8 @@ Anything that only needs "run this with the backends" depends on the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -30,18 +43,75 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from wgkex.worker.backend import Rtnl, WireGuard
+from wgkex.worker.backend import InterfaceInfo, PeerInfo, Rtnl, WireGuard
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
+class WireGuardThread:
+    """A :class:`~wgkex.worker.backend.WireGuard` backend living in a thread of its own.
+
+    ``make`` runs in that thread, and so does every call and the final
+    :meth:`close`: the backend never sees another thread (pyroute2's generic
+    netlink socket of the kernel backend is per thread). The WireGuard methods
+    wait for their call; :meth:`submit` does not.
+    """
+
+    def __init__(self, executor: Executor, make: Callable[[], WireGuard]) -> None:
+        self._executor = executor
+        try:
+            self._backend = executor.submit(make).result()
+        except BaseException:
+            executor.shutdown(wait=True)
+            raise
+
+    def submit(self, fn: Callable[[WireGuard], T]) -> Future[T]:
+        """Start ``fn(backend)`` in the WireGuard thread; returns at once."""
+        return self._executor.submit(fn, self._backend)
+
+    def add_peers(self, iface: str, peers: Sequence[tuple[str, str]]) -> None:
+        self._executor.submit(self._backend.add_peers, iface, peers).result()
+
+    def remove_peers(self, iface: str, keys: Sequence[str]) -> None:
+        self._executor.submit(self._backend.remove_peers, iface, keys).result()
+
+    def peers(self, iface: str) -> list[PeerInfo]:
+        return self._executor.submit(self._backend.peers, iface).result()
+
+    def interface(self, iface: str) -> InterfaceInfo:
+        return self._executor.submit(self._backend.interface, iface).result()
+
+    def close(self) -> None:
+        """Close the backend in its thread, then end the thread."""
+        try:
+            self._executor.submit(self._backend.close).result()
+        finally:
+            self._executor.shutdown(wait=True)
+
+
 @dataclass(frozen=True)
 class Backends:
-    """The kernel-facing objects that live in the pool thread."""
+    """The kernel-facing objects of the pool."""
 
     wireguard: WireGuard
     rtnl: Rtnl
+
+    def start_wireguard(self, fn: Callable[[WireGuard], T]) -> Future[T]:
+        """Start ``fn(wireguard)`` alongside the calling job; ``.result()`` waits for it.
+
+        With a :class:`WireGuardThread` it runs there while the job goes on;
+        with any other backend (the fakes of the unit tests) it runs here and
+        now. Either way the job must wait for it before it returns.
+        """
+        if isinstance(self.wireguard, WireGuardThread):
+            return self.wireguard.submit(fn)
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(self.wireguard))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
 
 
 class PoolStopped(Exception):
@@ -58,8 +128,12 @@ class Pool(Protocol):
         ...
 
 
+def _wireguard_executor() -> Executor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="wgkex-wireguard")
+
+
 class BackendPool(Service):
-    """A service owning the netlink/UAPI thread and the backends living in it."""
+    """A service owning the netlink/UAPI threads and the backends living in them."""
 
     log = Logger()
 
@@ -70,6 +144,7 @@ class BackendPool(Service):
         make_rtnl: Callable[[], Rtnl],
         name: str = "netlink-pool",
         threadpool_factory: Callable[[], ThreadPool] | None = None,
+        wireguard_executor_factory: Callable[[], Executor] = _wireguard_executor,
     ) -> None:
         self._reactor = reactor
         self._make_wireguard = make_wireguard
@@ -77,6 +152,7 @@ class BackendPool(Service):
         self._threadpool_factory = threadpool_factory or (
             lambda: ThreadPool(minthreads=1, maxthreads=1, name="wgkex-netlink")
         )
+        self._wireguard_executor_factory = wireguard_executor_factory
         self.setName(name)
         self._threadpool: ThreadPool | None = None
         # Touched only inside the pool thread.
@@ -93,7 +169,14 @@ class BackendPool(Service):
 
     def _create(self) -> None:
         try:
-            self._backends = Backends(wireguard=self._make_wireguard(), rtnl=self._make_rtnl())
+            # The WireGuard thread starts here, in the job thread, not on the reactor.
+            wireguard = WireGuardThread(self._wireguard_executor_factory(), self._make_wireguard)
+            try:
+                rtnl = self._make_rtnl()
+            except BaseException:
+                wireguard.close()
+                raise
+            self._backends = Backends(wireguard=wireguard, rtnl=rtnl)
         except BaseException as exc:
             self._create_error = exc
             raise
@@ -123,7 +206,7 @@ class BackendPool(Service):
                 self.log.failure("closing the {name} backend failed", name=name)
 
     def stopService(self) -> Deferred[None]:
-        """Close the backends in their thread after the queued jobs, then join the (idle) thread."""
+        """Close the backends in their threads after the queued jobs, then join the (idle) threads."""
         super().stopService()
         threadpool, self._threadpool = self._threadpool, None
         if threadpool is None:
