@@ -292,6 +292,24 @@ def _endpoint(host: str, port: int) -> str:
     return f"tcp:{port}:interface={escaped}"
 
 
+def _endpoint_problem(description: str) -> str | None:
+    """Why Twisted cannot use ``description`` as a server endpoint, or None.
+
+    Parsed against a reactor that listens nowhere, so nothing is opened; an
+    ``ssl:`` description reads its certificate files here, which is what an
+    operator wants to hear about at start.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as exc:  # Twisted's parsers raise many kinds for a bad description
+        detail = str(exc) or type(exc).__name__
+        return f"is not a usable Twisted endpoint description ({detail}): {description!r}"
+    return None
+
+
 def _listen(reader: _Reader, name: str, default_host: str, default_port: int) -> str:
     """``broker_listen``/``worker_listen``: {host, port}, "host:port", or an endpoint string."""
     value = reader.data.get(name)
@@ -300,6 +318,9 @@ def _listen(reader: _Reader, name: str, default_host: str, default_port: int) ->
     if isinstance(value, str):
         text = value.strip()
         if text.split(":", 1)[0] in ("tcp", "tcp6", "ssl", "unix", "systemd", "tls"):
+            problem = _endpoint_problem(text)
+            if problem is not None:
+                raise reader.fail(name, problem)
             return text
         host, sep, port = text.rpartition(":")
         port_value = _as_int(port) if sep else None

@@ -130,9 +130,16 @@ class ListenTests(SynchronousTestCase):
         self.assertIn("broker_listen.host: must be an IP address or a host name", str(exc))
 
     def test_endpoint_string(self) -> None:
-        """An endpoint description (e.g. TLS) is taken as it is."""
-        ep = "ssl:443:privateKey=/etc/k.pem:certKey=/etc/c.pem"
+        """An endpoint description is taken as it is."""
+        ep = "tcp6:5000:interface=\\:\\:1:backlog=2048"
         self.assertEqual(self.parse(ep), ep)
+
+    def test_bad_endpoint_string(self) -> None:
+        """A malformed endpoint, or a TLS one whose certificate is missing, is one config error line."""
+        for ep in ("tcp:abc", "ssl:443:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem"):
+            exc = self.assertRaises(ConfigError, self.parse, ep)
+            self.assertIn("broker_listen: is not a usable Twisted endpoint description", str(exc))
+            self.assertNotIn("\n", str(exc))
 
     def test_worker_listen_off(self) -> None:
         """worker_listen can be switched off."""
