@@ -295,6 +295,16 @@ class KeysTests(WorkerTestCase):
         self.assertEqual(len(gw.routes()), 3)  # two /128 and fe80::/64
         self.assertTrue(gw.worker is not None and gw.worker.is_ours())
 
+    def test_sighup_is_harmless(self) -> None:
+        """SIGHUP (systemctl reload, log rotation) is logged; the worker keeps running and applying keys."""
+        gw = self.gateway()
+        assert gw.worker is not None
+        gw.worker.send(signal.SIGHUP)
+        gw.bus.publish(TOPIC, [KEY_A])
+        wait_until(lambda: gw.installed(KEY_A), 5, f"key installed after SIGHUP\n{gw.log_tail()}")
+        self.assertTrue(gw.worker.is_ours())
+        wait_until(lambda: "Received SIGHUP" in gw.log_tail(), 5, "the SIGHUP log line")
+
     def test_garbage_changes_nothing(self) -> None:
         """Garbage payloads change nothing in the kernel, are counted, and a valid key afterwards lands."""
         gw = self.gateway()

@@ -57,5 +57,8 @@ def makeService(options: Options) -> IService:
         reactor,
         bus,
         pool,
-        support=[LoggingService(config.log_level, config.logging_config), CleanSigterm(reactor)],  # type: ignore[arg-type]
+        support=[
+            LoggingService(config.log_level, config.logging_config),
+            CleanSigterm(reactor, hangup="the worker has nothing to reload; restart it to apply a changed configuration"),  # type: ignore[arg-type]
+        ],
     )
