@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 
 from twisted.trial.unittest import TestCase
 
@@ -89,6 +91,48 @@ class PluginTests(TestCase):
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd="/")
         self.assertEqual(out.stdout.strip(), "[]", out.stderr)
+
+
+class TwistTests(TestCase):
+    def test_broker_under_twist(self) -> None:
+        """`twist wgkex-broker` serves /healthz (MQTT down: /readyz 503) and exits 0 on SIGTERM."""
+        from tests.support.mosquitto import free_port, wait_for
+
+        scratch = tempfile.mkdtemp(prefix="wgkex-twist-")
+        self.addCleanup(shutil.rmtree, scratch, True)
+        port, dead_mqtt = free_port(), free_port()
+        path = os.path.join(scratch, "wgkex.yaml")
+        with open(path, "w") as f:
+            f.write(
+                "domains: [ffmuc_welt]\ndomain_prefixes: [ffmuc_]\n"
+                f"mqtt: {{broker_url: 127.0.0.1, broker_port: {dead_mqtt}}}\n"
+                f"broker_listen: {{host: 127.0.0.1, port: {port}}}\n"
+            )
+        log_path = os.path.join(scratch, "twist.log")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([os.path.join(BIN, "twist"), "wgkex-broker", "--config", path],
+                                    cwd=scratch, stdout=log, stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+
+        def status(url_path: str) -> int | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{url_path}", timeout=2) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return int(e.code)
+            except OSError:
+                return None
+
+        def log_text() -> str:
+            with open(log_path, errors="replace") as f:
+                return f.read()[-3000:]
+
+        wait_for(lambda: status("/healthz") == 200 or proc.poll() is not None, 15, what="the broker under twist")
+        self.assertIsNone(proc.poll(), log_text())
+        self.assertEqual(status("/readyz"), 503)
+        proc.terminate()
+        self.assertEqual(proc.wait(timeout=20), 0, log_text())
+        self.assertNotIn("Traceback", log_text())
 
 
 class PackagingTests(TestCase):
