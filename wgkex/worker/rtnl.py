@@ -45,7 +45,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any
 
 from twisted.logger import Logger
@@ -108,11 +108,13 @@ def _attr(kind: int, value: bytes) -> bytes:
     return _ATTR.pack(length, kind) + value + bytes(-length % 4)
 
 
-def _attrs(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
-    """Walk netlink attributes from ``offset`` to the end of ``data``."""
-    while offset + _ATTR.size <= len(data):
+def _attrs(data: bytes, offset: int, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """Walk netlink attributes from ``offset`` to ``end`` (default: the end of ``data``), copying only values."""
+    if end is None:
+        end = len(data)
+    while offset + _ATTR.size <= end:
         length, kind = _ATTR.unpack_from(data, offset)
-        if length < _ATTR.size:
+        if length < _ATTR.size or offset + length > end:
             return
         yield kind & 0x3FFF, data[offset + _ATTR.size : offset + length]
         offset += (length + 3) & ~3
@@ -275,7 +277,7 @@ class PyrouteRtnl:
                 return  # the entries went away with the interface
             requests: list[tuple[int, int, bytes]] = []
             names: list[str] = []
-            for dst, via, port, vni in self._fdb_zero_entries(vx_index):
+            for dst, via, port, vni in self._fdb_zero_entries(vx_index, wanted):
                 if dst in wanted:
                     requests.append(
                         (RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, fdb_payload(vx_index, dst, via, port=port, vni=vni))
@@ -493,11 +495,15 @@ class PyrouteRtnl:
                 raise _AcksLost()
             raise BackendError(f"no netlink reply for {len(waiting)} message(s) within {self.timeout:g} s")
 
-    def _fdb_zero_entries(self, vx_index: int) -> list[tuple[bytes, int | None, bytes | None, bytes | None]]:
+    def _fdb_zero_entries(
+        self, vx_index: int, wanted: Container[bytes] | None = None
+    ) -> list[tuple[bytes, int | None, bytes | None, bytes | None]]:
         """``(dst, via ifindex, port, vni)`` of every all-zero-MAC FDB destination on ``vx_index``.
 
         The dump is filtered by the kernel (``ifi_index``, like ``bridge fdb
-        show dev``) and again here; an interrupted dump is repeated.
+        show dev``) and again here, and with ``wanted`` to those destinations
+        (a gateway's FDB may hold 100,000 of them: only the few asked for become
+        objects); an interrupted dump is repeated.
         """
         ipr = self._iproute()
         for _ in range(5):
@@ -531,12 +537,15 @@ class PyrouteRtnl:
                         family, ifindex, _state, _ndm_flags, _type = _NDMSG.unpack_from(data, offset)
                         if family != socket.AF_BRIDGE or ifindex != vx_index:
                             continue
-                        attrs = dict(_attrs(data[:end], offset + _NDMSG.size))
-                        if attrs.get(NDA_LLADDR) != _ZERO_MAC or len(attrs.get(NDA_DST, b"")) != 16:
+                        attrs = dict(_attrs(data, offset + _NDMSG.size, end))
+                        dst = attrs.get(NDA_DST, b"")
+                        if attrs.get(NDA_LLADDR) != _ZERO_MAC or len(dst) != 16:
+                            continue
+                        if wanted is not None and dst not in wanted:
                             continue
                         via = attrs.get(NDA_IFINDEX)
                         via_index = _U32.unpack(via)[0] if via else None
-                        entries.append((attrs[NDA_DST], via_index, attrs.get(NDA_PORT), attrs.get(NDA_VNI)))
+                        entries.append((dst, via_index, attrs.get(NDA_PORT), attrs.get(NDA_VNI)))
             if not finished:
                 raise BackendError(f"FDB dump did not finish within {self.timeout:g} s")
             if not interrupted:
