@@ -19,6 +19,7 @@ built on them rest on something checked.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ class FakeWireGuard:
         self.refuse_partially: set[str] = set()
         self.fail_peers_dump: Exception | None = None
         self.closed = False
+        #: gc.isenabled() at every peers() call (dumps are read with the collector paused).
+        self.gc_during_dump: list[bool] = []
 
     def _iface(self, iface: str) -> dict[str, PeerInfo]:
         if iface not in self.kernel.peers:
@@ -162,6 +165,7 @@ class FakeWireGuard:
 
     def peers(self, iface: str) -> list[PeerInfo]:
         self.calls.append(("peers", iface, 0))
+        self.gc_during_dump.append(gc.isenabled())
         if self.fail_peers_dump is not None:
             raise self.fail_peers_dump
         return list(self._iface(iface).values())

@@ -9,6 +9,8 @@ threads, to show that peers and rtnetlink work really overlap.
 
 from __future__ import annotations
 
+import gc
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.unit.test_worker_fakes import FakeKernel, FakeRtnl, FakeWireGuard, LazyExecutor, key
 from wgkex.worker.backend import InterfaceMissing
 from wgkex.worker.peers import Interfaces, apply_domain
-from wgkex.worker.pool import Backends, BackendPool, PoolStopped, WireGuardThread
+from wgkex.worker.pool import SWITCH_INTERVAL, Backends, BackendPool, GcPause, PoolStopped, WireGuardThread
 
 
 class FakeThreadPool:
@@ -97,6 +99,7 @@ class BackendPoolTests(SynchronousTestCase):
             make_rtnl,
             threadpool_factory=lambda: self.threads,  # type: ignore[arg-type,return-value]
             wireguard_executor_factory=lambda: self.executor,
+            switch_interval=None,
         )
 
     def test_nothing_before_start(self) -> None:
@@ -207,6 +210,53 @@ class BackendPoolTests(SynchronousTestCase):
         """An exception in the WireGuard thread reaches the job as itself (InterfaceMissing stays one)."""
         self.pool.startService()
         self.failureResultOf(self.pool.run(peer_count, "wg-nope"), InterfaceMissing)
+
+
+class SwitchIntervalTests(SynchronousTestCase):
+    def test_set_while_running_then_restored(self) -> None:
+        """The pool sets Python's thread switch interval to 1 ms while it runs and restores it when stopped."""
+        before = sys.getswitchinterval()
+        self.addCleanup(sys.setswitchinterval, before)
+        kernel = FakeKernel()
+        pool = BackendPool(
+            ImmediateReactor(),  # type: ignore[arg-type]
+            lambda: FakeWireGuard(kernel),
+            lambda: FakeRtnl(kernel),
+            threadpool_factory=lambda: FakeThreadPool(),  # type: ignore[arg-type,return-value]
+            wireguard_executor_factory=lambda: LazyExecutor(),
+        )
+        pool.startService()
+        self.assertAlmostEqual(sys.getswitchinterval(), SWITCH_INTERVAL)
+        self.successResultOf(pool.stopService())
+        self.assertAlmostEqual(sys.getswitchinterval(), before)
+
+
+class GcPauseTests(SynchronousTestCase):
+    def test_nested_pause_restores_on_outermost_exit(self) -> None:
+        """The collector is off inside (nested too) and on again only after the outermost exit."""
+        pause = GcPause()
+        self.assertTrue(gc.isenabled())
+        with pause:
+            self.assertFalse(gc.isenabled())
+            with pause:
+                self.assertFalse(gc.isenabled())
+            self.assertFalse(gc.isenabled())
+        self.assertTrue(gc.isenabled())
+
+    def test_leaves_a_disabled_collector_disabled(self) -> None:
+        """If the collector was off before (someone else's choice), it stays off after."""
+        gc.disable()
+        self.addCleanup(gc.enable)
+        with GcPause():
+            pass
+        self.assertFalse(gc.isenabled())
+
+    def test_exception_restores(self) -> None:
+        """An exception inside still turns the collector on again."""
+        with self.assertRaises(ZeroDivisionError):
+            with GcPause():
+                1 / 0
+        self.assertTrue(gc.isenabled())
 
 
 class PipelineOnThreadsTests(SynchronousTestCase):

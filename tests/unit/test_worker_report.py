@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 from twisted.internet.task import Clock
@@ -20,7 +21,7 @@ from tests.unit.test_worker_fakes import (
     make_config,
 )
 from wgkex.worker.metrics import WorkerMetrics
-from wgkex.worker.report import Reporter
+from wgkex.worker.report import Reporter, count_peers
 
 START = 1_700_000_000.0
 STATUS = "wireguard-worker/gw1/status"
@@ -131,3 +132,11 @@ class ReporterTests(SynchronousTestCase):
         with capturedLogs() as events:
             self.reporter.goodbye()
         self.assertEqual(len([e for e in events if e["log_level"] == LogLevel.warn]), 3)
+
+    def test_count_reads_the_dump_with_gc_paused(self) -> None:
+        """Counting holds a whole dump: the cyclic garbage collector is off meanwhile and back on after."""
+        self.assertTrue(gc.isenabled())
+        counts = count_peers(self.backends, {"ffmuc_welt": "wg-welt", "ffmuc_ost": "wg-ost"}, START)
+        self.assertEqual(set(counts), {"ffmuc_welt", "ffmuc_ost"})
+        self.assertEqual(self.wg.gc_during_dump, [False, False])
+        self.assertTrue(gc.isenabled())

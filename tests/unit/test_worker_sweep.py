@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,7 +22,8 @@ from wgkex.worker.backend import PeerInfo
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.peers import KeyApplier
-from wgkex.worker.sweep import Sweeper, stale_keys
+from wgkex.worker.peers import Interfaces
+from wgkex.worker.sweep import Sweeper, dump_keys, stale_keys, sweep_stale
 
 TIMEOUT = 3 * 3600.0
 START = 1_700_000_000.0
@@ -187,3 +190,22 @@ class SweeperTests(SynchronousTestCase):
         self.successResultOf(second)
         sweeper.sweep()
         self.assertEqual(pool.jobs(), ["sweep_stale"])
+
+    def test_dumps_read_with_gc_paused(self) -> None:
+        """The sweep and the start-up dump hold whole dumps with the garbage collector off, and turn it on again."""
+        self.kernel.peers["wg-welt"][KEY_A] = PeerInfo(KEY_A, START - 2 * TIMEOUT, ("fe80::1/128",))
+        interfaces = {"ffmuc_welt": Interfaces("wg-welt", "vx-welt")}
+        result = sweep_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
+        self.assertEqual(result["ffmuc_welt"].removed, [KEY_A])
+        self.assertEqual(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"}), {"ffmuc_welt": []})
+        self.assertEqual(self.wg.gc_during_dump, [False, False])
+        self.assertTrue(gc.isenabled())
+
+    def test_gc_back_on_after_a_failed_dump(self) -> None:
+        """A dump that fails still leaves the garbage collector on."""
+        self.wg.fail_peers_dump = OSError("boom")
+        interfaces = {"ffmuc_welt": Interfaces("wg-welt", "vx-welt")}
+        result = sweep_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
+        self.assertIn("boom", result["ffmuc_welt"].error or "")
+        self.assertIn("boom", str(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"})["ffmuc_welt"]))
+        self.assertTrue(gc.isenabled())

@@ -30,7 +30,7 @@ from wgkex.config import Config
 from wgkex.worker.backend import InterfaceMissing
 from wgkex.worker.bus import Bus
 from wgkex.worker.metrics import WorkerMetrics
-from wgkex.worker.pool import Backends, Pool
+from wgkex.worker.pool import Backends, Pool, gc_paused
 
 #: A peer counts as connected with a handshake at most this many seconds old.
 CONNECTED_WINDOW = 180.0
@@ -103,18 +103,20 @@ def count_peers(
     """Pool thread: per domain how many peers there are and how many shook hands within ``window``."""
     result: dict[str, PeerCount | str] = {}
     for domain, wg in interfaces.items():
-        try:
-            peers = backends.wireguard.peers(wg)
-        except InterfaceMissing:
-            result[domain] = f"interface {wg} does not exist"
-            continue
-        except Exception as exc:
-            result[domain] = f"reading the peers of {wg} failed: {type(exc).__name__}: {exc}"
-            continue
-        connected = sum(
-            1 for p in peers if p.last_handshake is not None and now - p.last_handshake <= window
-        )
-        result[domain] = PeerCount(total=len(peers), connected=connected)
+        with gc_paused:  # a dump of 100,000 peers: see wgkex.worker.pool
+            try:
+                peers = backends.wireguard.peers(wg)
+            except InterfaceMissing:
+                result[domain] = f"interface {wg} does not exist"
+                continue
+            except Exception as exc:
+                result[domain] = f"reading the peers of {wg} failed: {type(exc).__name__}: {exc}"
+                continue
+            connected = sum(
+                1 for p in peers if p.last_handshake is not None and now - p.last_handshake <= window
+            )
+            result[domain] = PeerCount(total=len(peers), connected=connected)
+            del peers
     return result
 
 

@@ -32,7 +32,7 @@ from wgkex.worker.backend import InterfaceMissing, PeerInfo, PeersFailed
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.peers import Interfaces
-from wgkex.worker.pool import Backends, Pool
+from wgkex.worker.pool import Backends, Pool, gc_paused
 
 
 def stale_keys(
@@ -84,16 +84,18 @@ def sweep_stale(
     results: dict[str, DomainSweep] = {}
     for domain, ifaces in interfaces.items():
         result = results[domain] = DomainSweep()
-        try:
-            peers = backends.wireguard.peers(ifaces.wg)
-        except InterfaceMissing:
-            result.error = f"interface {ifaces.wg} does not exist"
-            continue
-        except Exception as exc:
-            result.error = f"dumping the peers of {ifaces.wg} failed: {type(exc).__name__}: {exc}"
-            continue
-        result.peers = len(peers)
-        stale, result.unseen = stale_keys(peers, first_seen.get(domain, {}), keep, now, timeout)
+        with gc_paused:  # a dump of 100,000 peers: see wgkex.worker.pool
+            try:
+                peers = backends.wireguard.peers(ifaces.wg)
+            except InterfaceMissing:
+                result.error = f"interface {ifaces.wg} does not exist"
+                continue
+            except Exception as exc:
+                result.error = f"dumping the peers of {ifaces.wg} failed: {type(exc).__name__}: {exc}"
+                continue
+            result.peers = len(peers)
+            stale, result.unseen = stale_keys(peers, first_seen.get(domain, {}), keep, now, timeout)
+            del peers
         if not stale:
             continue
         problems = []
@@ -125,7 +127,8 @@ def dump_keys(backends: Backends, interfaces: Mapping[str, str]) -> dict[str, li
     result: dict[str, list[str] | str] = {}
     for domain, wg in interfaces.items():
         try:
-            result[domain] = [p.public_key for p in backends.wireguard.peers(wg)]
+            with gc_paused:  # a dump of 100,000 peers: see wgkex.worker.pool
+                result[domain] = [p.public_key for p in backends.wireguard.peers(wg)]
         except InterfaceMissing:
             result[domain] = f"interface {wg} does not exist"
         except Exception as exc:
