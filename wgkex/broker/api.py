@@ -49,6 +49,7 @@ from wgkex.broker.workers import WorkerPicture
 from wgkex.config import Config
 from wgkex.keys import key_problem
 from wgkex.mqtt import QueueFull
+from wgkex.topics import key_topic
 
 JSON = b"application/json"
 HTML = b"text/html; charset=utf-8"
@@ -290,7 +291,7 @@ class BrokerApi:
         bus = self.bus
         connected = bus.connected
         try:
-            d = bus.publish(f"wireguard/{domain}/all", key.encode("ascii"), qos=1)
+            d = bus.publish(key_topic(domain), key.encode("ascii"), qos=1)
         except QueueFull:
             self.metrics.queue_full.inc()
             raise Refused(

@@ -37,11 +37,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from wgkex.broker.selection import Candidate, choose
+from wgkex import topics
 from wgkex.keys import key_problem
 
-STATUS_TOPIC = "wireguard-worker/+/status"
-DATA_TOPIC = "wireguard-worker/+/+/data"
-METRICS_TOPIC = "wireguard-metrics/+/+/connected_peers"
+STATUS_TOPIC = topics.STATUS_FILTER
+DATA_TOPIC = topics.DATA_FILTER
+METRICS_TOPIC = topics.METRICS_FILTER
 
 #: How many distinct worker names the picture holds; beyond that new names are refused,
 #: so a misbehaving client on the bus cannot grow the broker's memory without bound.

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wgkex.config import Config
+from wgkex.topics import key_filter
 from wgkex.worker.bus import Bus
 from wgkex.worker.http import ConnectivityCheck, Listen, StatusListener, status_site
 from wgkex.worker.known import KnownKeys
@@ -97,7 +98,7 @@ class WorkerService(Service):
         self._loops: list[LoopingCall] = []
         # Registering callbacks opens nothing; the MQTT service (re)subscribes on every connect.
         for domain in config.domains:
-            bus.subscribe(f"wireguard/{domain}/+", 1, self.applier.on_message)
+            bus.subscribe(key_filter(domain), 1, self.applier.on_message)
         bus.add_connect_callback(self._connected)
         bus.add_disconnect_callback(self._disconnected)
 

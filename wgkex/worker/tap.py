@@ -26,7 +26,7 @@ def makeService(options: Options) -> IService:
     from wgkex.mqtt import MqttService, Will
     from wgkex.worker.backend import Rtnl, WireGuard
     from wgkex.worker.pool import BackendPool
-    from wgkex.worker.report import status_topic
+    from wgkex.topics import status_topic
     from wgkex.worker.service import build_worker
     from wgkex.sigterm import CleanSigterm
 
