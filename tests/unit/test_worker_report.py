@@ -14,6 +14,7 @@ from tests.unit.test_worker_fakes import (
     KEY_A,
     KEY_B,
     FakeBus,
+    ManualPool,
     FakeKernel,
     SyncPool,
     backends_for,
@@ -125,6 +126,18 @@ class ReporterTests(SynchronousTestCase):
             self.bus.published,
             [(METRIC_WELT, b"-1", 1, True), (METRIC_OST, b"-1", 1, True), (STATUS, b"0", 1, True)],
         )
+
+    def test_late_count_does_not_overwrite_goodbye(self) -> None:
+        """A count still in the pool at shutdown is not published after the retained -1 and 0."""
+        pool = ManualPool(self.backends)
+        reporter = Reporter(self.config, self.bus, pool, self.metrics, self.clock)
+        self.bus.connect()
+        counting = reporter.publish_counts()
+        reporter.goodbye()
+        pool.release()
+        self.successResultOf(counting)
+        self.assertEqual(self.bus.last(METRIC_WELT), b"-1")
+        self.assertEqual(self.bus.last(STATUS), b"0")
 
     def test_publish_refused(self) -> None:
         """A publish refused synchronously (queue full) is logged, not raised."""

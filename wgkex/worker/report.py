@@ -141,10 +141,16 @@ class Reporter:
         #: The data last published per domain.
         self.published_data: dict[str, DomainData] = {}
         self.last_counts: dict[str, PeerCount | str] = {}
+        #: Set by :meth:`goodbye`: nothing may overwrite the retained -1 / 0 afterwards.
+        self._closed = False
 
     # -- publishing ---------------------------------------------------------------------------
 
     def _publish(self, topic: str, payload: bytes | str) -> None:
+        if self._closed:
+            # A count or data read still in the pool when the worker stopped: publishing it
+            # now would replace the retained goodbye and keep the worker looking online.
+            return
         try:
             d = self._bus.publish(topic, payload, qos=1, retain=True)
         except Exception as exc:  # QueueFull while disconnected: the next connect publishes afresh
@@ -231,3 +237,4 @@ class Reporter:
         for domain in self._domains:
             self._publish(metric_topic(self._worker, domain), b"-1")
         self._publish(status_topic(self._worker), b"0")
+        self._closed = True
