@@ -27,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from wgkex.config import MqttConfig
 from wgkex.mqtt import (
+    READ_BUFFER,
     READ_BURST,
     WINDOW,
     Backoff,
@@ -35,6 +36,7 @@ from wgkex.mqtt import (
     QueueFull,
     TopicFilter,
     Will,
+    _BufferedSocket,
     describe_server,
 )
 
@@ -661,7 +663,7 @@ class MessageTests(MqttTestCase):
 
 
     def test_burst_read_in_bounded_turns(self) -> None:
-        """Messages waiting together are read READ_BURST per readable event, each acknowledged."""
+        """Messages waiting together are read READ_BURST per reactor turn, each acknowledged."""
         service = self.make()
         got: list[bytes] = []
         service.subscribe("wireguard/+/all", 1, lambda topic, payload, retained: got.append(payload))
@@ -674,8 +676,10 @@ class MessageTests(MqttTestCase):
         (reader,) = self.reactor.getReaders()
         reader.doRead()
         self.assertEqual(len(got), READ_BURST)
-        reader.doRead()
-        self.assertEqual(len(got), 2 * READ_BURST)
+        # The rest waits in the read buffer, where no readable event announces it: a call comes next turn.
+        self.assertIn(0, [c.getTime() - self.reactor.seconds() for c in self.reactor.getDelayedCalls()])
+        self.reactor.advance(0)
+        self.assertEqual(len(got), total)
         packets = self.exchange(conn)
         self.assertEqual(got, [b"k%d" % n for n in range(total)])
         self.assertEqual([p.body for p in packets if p.kind == PUBACK], [(n + 1).to_bytes(2, "big") for n in range(total)])
@@ -694,6 +698,101 @@ class MessageTests(MqttTestCase):
         conn.send(second[7:])
         reader.doRead()
         self.assertEqual(got, [b"first", b"second"])
+
+
+    def test_buffered_read_dropped_with_the_connection(self) -> None:
+        """A read scheduled for buffered bytes is cancelled when the connection goes away."""
+        service = self.make()
+        got: list[bytes] = []
+        service.subscribe("wireguard/+/all", 1, lambda topic, payload, retained: got.append(payload))
+        conn = self.start_connected(service)
+        conn.send(b"".join(publish_packet("wireguard/ffmuc_welt/all", b"k", qos=1, mid=n + 1)
+                           for n in range(READ_BURST + 10)))
+        (reader,) = self.reactor.getReaders()
+        reader.doRead()
+        self.assertEqual(len(got), READ_BURST)
+        scheduled = service._read_again
+        assert scheduled is not None and scheduled.active()
+        conn.close()
+        # What an unexpected read error does: cut the connection (the buffered bytes die with it).
+        service._abort(service._socket, "test")  # type: ignore[arg-type]
+        self.assertFalse(scheduled.active())
+        delivered = len(got)
+        self.reactor.advance(0)
+        self.assertEqual(len(got), delivered)
+        self.assertFalse(service.connected)
+
+
+class StubSocket:
+    """A non-blocking socket stand-in: hands out ``chunks`` one per recv, then would block."""
+
+    def __init__(self, chunks: list[bytes], inner_pending: int = 0) -> None:
+        self.chunks = chunks
+        self.asked: list[int] = []
+        self.inner_pending = inner_pending
+        self.closed = False
+        self.timeout: float | None = None
+
+    def recv(self, size: int) -> bytes:
+        self.asked.append(size)
+        if not self.chunks:
+            raise BlockingIOError()
+        return self.chunks.pop(0)[:size]
+
+    def pending(self) -> int:
+        return self.inner_pending
+
+    def close(self) -> None:
+        self.closed = True
+
+    def settimeout(self, timeout: float) -> None:
+        self.timeout = timeout
+
+
+class BufferedSocketTests(SynchronousTestCase):
+    def test_one_recv_serves_many_small_reads(self) -> None:
+        """Paho's small reads are served from one large recv; the rest counts as pending."""
+        stub = StubSocket([b"\x30\x05hello\x30"])
+        sock = _BufferedSocket(stub)
+        self.assertEqual(sock.recv(1), b"\x30")
+        self.assertEqual(sock.pending(), 7)
+        self.assertEqual(sock.recv(1), b"\x05")
+        self.assertEqual(sock.recv(5), b"hello")
+        self.assertEqual(sock.recv(1), b"\x30")
+        self.assertEqual(stub.asked, [READ_BUFFER])
+        self.assertEqual(sock.pending(), 0)
+        self.assertRaises(BlockingIOError, sock.recv, 1)
+
+    def test_large_read_passes_through(self) -> None:
+        """A read of more than the buffer size asks the socket for that much and buffers nothing."""
+        stub = StubSocket([b"x" * (READ_BUFFER + 10)])
+        sock = _BufferedSocket(stub)
+        self.assertEqual(len(sock.recv(READ_BUFFER + 10)), READ_BUFFER + 10)
+        self.assertEqual(stub.asked, [READ_BUFFER + 10])
+        self.assertEqual(sock.pending(), 0)
+
+    def test_end_of_file(self) -> None:
+        """The peer closing (recv gives b'') reaches paho as b''."""
+        sock = _BufferedSocket(StubSocket([b""]))
+        self.assertEqual(sock.recv(1), b"")
+
+    def test_pending_includes_the_ssl_object(self) -> None:
+        """Decrypted bytes inside an SSL object count as pending too."""
+        sock = _BufferedSocket(StubSocket([b"ab"], inner_pending=3))
+        sock.recv(1)
+        self.assertEqual(sock.pending(), 4)
+        self.assertEqual(_BufferedSocket(object()).pending(), 0)  # a plain socket has no pending()
+
+    def test_other_calls_reach_the_socket(self) -> None:
+        """close() drops the buffer and closes the socket; anything else goes straight through."""
+        stub = StubSocket([b"abc"])
+        sock = _BufferedSocket(stub)
+        sock.recv(1)
+        sock.settimeout(3.0)
+        self.assertEqual(stub.timeout, 3.0)
+        sock.close()
+        self.assertTrue(stub.closed)
+        self.assertEqual(sock.pending(), 0)
 
 
 class TopicFilterTests(SynchronousTestCase):
