@@ -8,8 +8,9 @@ For each count N a fresh gateway is built with the lab primitives of
 :mod:`wgkex.lab`: a network namespace, wireguard-go ``wg-x`` in a private mount
 namespace, ``vx-x`` on top, mosquitto with a unix socket for the worker and a
 127.0.0.1 port for the publisher, and the real ``twistd -n wgkex-worker``
-entered into the daemon's mount and network namespace. Once the worker said
-status 1, N fresh keys are published on ``wireguard/<domain>/all`` at QoS 1 as
+entered into the daemon's mount and network namespace. Once the worker is
+connected to MQTT and has finished its start-up reads (``--settle``, 1 s; a
+burst right at start-up waits about 0.1 s more behind them), N fresh keys are published on ``wireguard/<domain>/all`` at QoS 1 as
 fast as one TCP connection takes them (a minimal MQTT client written here, so
 that publishing costs next to no CPU on this two-core machine), and the
 worker's ``/metrics`` (keys applied) is polled every 20 ms over a keep-alive
@@ -20,7 +21,14 @@ cross-check. Prints one JSON line per N; everything it made is removed.
 ``keys_per_second`` is N over the time from the first publish to the last key
 applied; ``steady_keys_per_second`` the rate between 10 % and 90 % of the keys
 (leaves out start-up and the tail). ``cpu_seconds`` are the CPU times of the
-worker, wireguard-go and mosquitto during the burst.
+worker, wireguard-go and mosquitto during the burst. ``--timeline`` adds every
+sample; ``--profile PREFIX`` records the worker with py-spy (not a dependency
+of wgkex; ``pip install py-spy``), ``--keep-log PATH`` keeps its log.
+
+The kernel's FDB append is linear in the number of destinations already on the
+all-zero entry (the vxlan driver walks its list for duplicates), so the rate
+falls as a burst goes on (20,000 appends take about 1.7 s of kernel time here,
+100,000 about a minute).
 """
 
 from __future__ import annotations
@@ -236,7 +244,8 @@ def cpu_seconds(pid: int) -> float:
 class BenchGateway:
     """Namespace + wireguard-go wg-x + vx-x + mosquitto + the real worker; a context manager."""
 
-    def __init__(self, mosquitto_inflight: int | None = None, **config: Any) -> None:
+    def __init__(self, mosquitto_inflight: int | None = None, keep_log: str | None = None, **config: Any) -> None:
+        self.keep_log = keep_log
         self.id = uuid.uuid4().hex[:8]
         self.name = f"wbench{self.id}"
         self.dir = tempfile.mkdtemp(prefix="wgkex-wbench-")
@@ -314,6 +323,8 @@ class BenchGateway:
             self.ns.delete()
         if self.mqtt is not None:
             self.mqtt.stop()
+        if self.keep_log:
+            shutil.copy(os.path.join(self.dir, "worker.log"), self.keep_log)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 30) -> str:
@@ -369,12 +380,23 @@ def rate_between(samples: list[tuple[float, float]], low: float, high: float) ->
     return (n_high - n_low) / (t_high - t_low)
 
 
-def burst(count: int, mosquitto_inflight: int | None, timeout: float, profile: str | None = None) -> dict[str, Any]:
+def burst(
+    count: int,
+    mosquitto_inflight: int | None,
+    timeout: float,
+    profile: str | None = None,
+    timeline_wanted: bool = False,
+    settle: float = 1.0,
+    keep_log: str | None = None,
+) -> dict[str, Any]:
     keys = bench_keys(count, uuid.uuid4().hex)
-    with BenchGateway(mosquitto_inflight) as gw:
+    with BenchGateway(mosquitto_inflight, keep_log) as gw:
         assert gw.mqtt is not None and gw.status is not None
         status = gw.status
         pids = gw.pids()
+        # The worker reads its interfaces and counts peers right after it connects (pool jobs of
+        # ~100 ms here); a burst arriving meanwhile waits behind them.
+        time.sleep(settle)
         publisher = RawPublisher("127.0.0.1", gw.mqtt.port, f"bench-{gw.id}")
         profiler: subprocess.Popen[bytes] | None = None
         try:
@@ -390,6 +412,7 @@ def burst(count: int, mosquitto_inflight: int | None, timeout: float, profile: s
             started = publisher.publish_all(f"wireguard/{DOMAIN}/all", [k.encode() for k in keys])
             written = time.monotonic() - started
             samples: list[tuple[float, float]] = [(0.0, 0.0)]
+            timeline: list[tuple[float, int, int, int]] = []
             acked_at: float | None = None
             received_at: float | None = None
             deadline = started + timeout
@@ -400,6 +423,8 @@ def burst(count: int, mosquitto_inflight: int | None, timeout: float, profile: s
                 applied = applied_total(m)
                 failed = failed_total(m)
                 samples.append((now, applied))
+                timeline.append((round(now, 3), int(m.get("wgkex_worker_keys_received_total", 0.0)), int(applied),
+                                 int(m.get("wgkex_worker_batch_size_count", 0.0))))
                 if acked_at is None and publisher.all_acked.is_set():
                     acked_at = now
                 if received_at is None and m.get("wgkex_worker_keys_received_total", 0.0) >= count:
@@ -422,7 +447,7 @@ def burst(count: int, mosquitto_inflight: int | None, timeout: float, profile: s
         kernel = gw.kernel_counts()
         final = status.metrics()
         batches = final.get("wgkex_worker_batch_size_count", 0.0)
-        result = {
+        result: dict[str, Any] = {
             "keys": count,
             "seconds": round(done, 3),
             "keys_per_second": round(count / done),
@@ -442,6 +467,9 @@ def burst(count: int, mosquitto_inflight: int | None, timeout: float, profile: s
             "cpu_seconds": cpu,
             "mosquitto_max_inflight": mosquitto_inflight if mosquitto_inflight is not None else "default (20)",
         }
+        result["settle_seconds"] = settle
+        if timeline_wanted:
+            result["timeline_t_received_applied_batches"] = timeline
         return result
 
 
@@ -453,12 +481,18 @@ def main() -> None:
                         help="mosquitto max_inflight_messages (default: mosquitto's own, 20)")
     parser.add_argument("--profile", metavar="PREFIX", default=None,
                         help="record the worker with py-spy (must be on PATH) into PREFIX-<count>.txt (raw format)")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds between the worker coming online and the burst (default 1: its start-up reads done)")
+    parser.add_argument("--keep-log", metavar="PATH", help="copy the worker's log to PATH")
+    parser.add_argument("--timeline", action="store_true",
+                        help="add every /metrics sample (seconds, keys received, keys applied, batches) to the output")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up on a burst after this many seconds")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/worker_burst.py needs root (network namespaces, wireguard-go)")
     for count in args.counts:
-        result = burst(count, args.mosquitto_inflight, args.timeout, args.profile)
+        result = burst(count, args.mosquitto_inflight, args.timeout, args.profile, args.timeline, args.settle,
+                       args.keep_log)
         result["machine"] = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
         print(json.dumps(result), flush=True)
 

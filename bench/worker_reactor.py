@@ -183,6 +183,7 @@ def poll(address: str, duration: float, every: float) -> dict[str, Any]:
     host, port = address.rsplit(":", 1)
     request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
     latencies: list[float] = []
+    slow: list[tuple[float, float]] = []  # (wall clock, ms) of requests over 20 ms
     errors = 0
     start = time.monotonic()
     next_at = start
@@ -209,7 +210,9 @@ def poll(address: str, duration: float, every: float) -> dict[str, Any]:
             latencies.append(5000.0)
             continue
         latencies.append((time.monotonic() - began) * 1000)
-    return {"latencies_ms": latencies, "errors": errors}
+        if latencies[-1] > 20:
+            slow.append((round(time.time() - latencies[-1] / 1000, 3), round(latencies[-1], 1)))
+    return {"latencies_ms": latencies, "errors": errors, "slow": slow}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -374,6 +377,8 @@ class Bench:
             "p99_ms": round(percentile(latencies, 99), 2),
             "max_ms": round(max(latencies), 2),
             "over_50ms": sum(1 for v in latencies if v > 50),
+            "slowest_ms": sorted((round(v, 1) for v in latencies), reverse=True)[:5],
+            "over_20ms_at": polled["slow"][:20],
             "sweeps": int(sweeps),
             "mean_sweep_seconds": round(sweep_time / sweeps, 3) if sweeps else None,
             "swept_peers": int(swept),
