@@ -15,6 +15,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_worker_fakes import (
+    GATEWAY_KEY,
     KEY_A,
     KEY_B,
     FakeBus,
@@ -27,7 +28,8 @@ from tests.unit.test_worker_fakes import (
 )
 from wgkex.config import Config
 from wgkex.worker.http import STATUS_RETRY_INTERVAL, status_site
-from wgkex.worker.peers import CHUNK
+from wgkex.keys import lladdr
+from wgkex.worker.peers import CHUNK, MAX_RETRIES
 from wgkex.worker.pool import Backends
 from wgkex.worker.service import WATCH_INTERVAL, WorkerRoot, build_worker
 
@@ -285,6 +287,32 @@ class WorkerTreeTests(SynchronousTestCase):
         self.assertFalse(self.kernel.has("welt", KEY_A))
         self.rtnl.refuse_routes.clear()
         self.reactor.advance(60)
+        self.assertTrue(self.kernel.has("welt", KEY_A))
+
+    def test_gateway_own_key_refused(self) -> None:
+        """The gateway's own public key from the bus never reaches the kernel and counts as invalid."""
+        self.start()
+        self.bus.connect()
+        self.bus.deliver("wireguard/ffmuc_welt/all", GATEWAY_KEY.encode())
+        self.assertFalse(self.kernel.has("welt", GATEWAY_KEY))
+        self.assertNotIn(lladdr(GATEWAY_KEY), self.kernel.routes.get("wg-welt", set()))
+        invalid = self.root.worker.metrics.registry.get_sample_value("wgkex_worker_keys_invalid_total", {"reason": "key"})
+        self.assertEqual(invalid, 1)
+
+    def test_failing_key_given_up_after_retries(self) -> None:
+        """A key that keeps failing is retried MAX_RETRIES times, then left until its router registers again."""
+        self.start()
+        self.bus.connect()
+        self.rtnl.refuse_routes.add(lladdr(KEY_A))
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
+        for _ in range(MAX_RETRIES + 2):
+            self.reactor.advance(60)
+        failed = self.root.worker.metrics.registry.get_sample_value(
+            "wgkex_worker_keys_failed_total", {"domain": "ffmuc_welt", "reason": "route"}
+        )
+        self.assertEqual(failed, 1 + MAX_RETRIES)
+        self.rtnl.refuse_routes.clear()
+        self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
         self.assertTrue(self.kernel.has("welt", KEY_A))
 
     def test_sweep_timer(self) -> None:

@@ -54,6 +54,11 @@ _SAMPLE = 5
 #: UAPI transaction and a netlink send carry many keys.
 CHUNK = 256
 
+#: Retries of a key that failed for a reason other than a missing interface
+#: (say, wireguard-go's limit of 65,536 peers) before the worker gives up on it;
+#: the router's next registration brings it back.
+MAX_RETRIES = 3
+
 
 @dataclass(frozen=True)
 class Interfaces:
@@ -257,8 +262,11 @@ class KeyApplier:
         metrics: WorkerMetrics,
         clock: IReactorTime,
         monotonic: Callable[[], float] = time.monotonic,
+        own_key: Callable[[str], str | None] = lambda domain: None,
     ) -> None:
         self._domains = frozenset(config.domains)
+        #: The gateway's own public key on a domain's interface (None while unknown).
+        self._own_key = own_key
         self._interfaces = {d: Interfaces(config.wg_interface(d), config.vx_interface(d)) for d in config.domains}
         self._max_batch = config.worker.max_batch
         self._pool = pool
@@ -270,6 +278,8 @@ class KeyApplier:
         # (domain, key) in arrival order; a dict is an insertion-ordered set.
         self._pending: dict[tuple[str, str], None] = {}
         self._failed: dict[str, set[str]] = {d: set() for d in config.domains}
+        #: Consecutive failed attempts per (domain, key), for MAX_RETRIES.
+        self._attempts: dict[tuple[str, str], int] = {}
         self._busy = False
         self._kicking = False
         self._accepting = True
@@ -286,6 +296,14 @@ class KeyApplier:
             self._invalid_log.warn("Ignoring invalid message from the bus: {problem}", problem=parsed.message)
             return
         domain, key = parsed
+        if key == self._own_key(domain):
+            # Anyone can post it (every v2 reply carries it); as a "peer" it would only
+            # leave a route and an FDB entry to the gateway's own address behind.
+            self._metrics.keys_invalid.labels(reason="key").inc()
+            self._invalid_log.warn(
+                "Ignoring the gateway's own public key {key} for {domain} from the bus", key=key, domain=domain
+            )
+            return
         self.submit(domain, key)
 
     def submit(self, domain: str, key: str) -> bool:
@@ -294,18 +312,21 @@ class KeyApplier:
             self._metrics.keys_failed.labels(domain=domain, reason="stopped").inc()
             return False
         self._known.add(domain, key, self._clock.seconds())
+        # A fresh registration earns a key its retries again.
+        self._attempts.pop((domain, key), None)
         if not self._enqueue(domain, key):
             self._metrics.keys_duplicate.inc()
             return False
+        self._metrics.pending.set(len(self._pending))
         self._kick()
         return True
 
     def _enqueue(self, domain: str, key: str) -> bool:
+        """Add to the pending set (the caller updates the gauge once, however many it adds)."""
         item = (domain, key)
         if item in self._pending:
             return False
         self._pending[item] = None
-        self._metrics.pending.set(len(self._pending))
         return True
 
     def reapply(self, domain: str, keys: Sequence[str] | None = None) -> int:
@@ -314,6 +335,7 @@ class KeyApplier:
             return 0
         keys = self._known.keys(domain) if keys is None else keys
         queued = sum(1 for key in keys if self._enqueue(domain, key))
+        self._metrics.pending.set(len(self._pending))
         if queued:
             self._metrics.keys_reapplied.labels(domain=domain).inc(queued)
             self._kick()
@@ -394,6 +416,9 @@ class KeyApplier:
             if result.applied:
                 self._metrics.keys_applied.labels(domain=domain).inc(len(result.applied))
                 failed_set.difference_update(result.applied)
+                if self._attempts:
+                    for key in result.applied:
+                        self._attempts.pop((domain, key), None)
             if result.failed:
                 self._record_failures(domain, result.failed)
 
@@ -406,7 +431,30 @@ class KeyApplier:
 
     def _record_failures(self, domain: str, failures: Mapping[str, KeyFailure]) -> None:
         iface = self._interfaces[domain]
-        self._failed[domain].update(failures)
+        failed_set = self._failed[domain]
+        given_up: list[str] = []
+        for key, failure in failures.items():
+            if failure.reason in ("interface_missing", "stopped"):
+                # Retried when the interface is back (the watch re-applies) or never needed.
+                failed_set.add(key)
+                continue
+            attempts = self._attempts.get((domain, key), 0) + 1
+            if attempts > MAX_RETRIES:
+                self._attempts.pop((domain, key), None)
+                failed_set.discard(key)
+                given_up.append(key)
+            else:
+                self._attempts[(domain, key)] = attempts
+                failed_set.add(key)
+        if given_up:
+            self.log.warn(
+                "Giving up on {count} key(s) on {domain} after {retries} retries; they are tried again "
+                "when their routers register again: {sample}",
+                count=len(given_up),
+                domain=domain,
+                retries=MAX_RETRIES,
+                sample=", ".join(given_up[:_SAMPLE]) + (" ..." if len(given_up) > _SAMPLE else ""),
+            )
         by_reason: dict[tuple[str, str], list[str]] = {}
         for key, failure in failures.items():
             by_reason.setdefault((failure.reason, failure.message), []).append(key)

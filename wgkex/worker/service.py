@@ -83,7 +83,7 @@ class WorkerService(Service):
         self._drain_timeout = drain_timeout
         self.metrics = metrics or WorkerMetrics(config.domains)
         self.known = KnownKeys(config.domains)
-        self.applier = KeyApplier(config, pool, self.known, self.metrics, reactor, monotonic)
+        self.applier = KeyApplier(config, pool, self.known, self.metrics, reactor, monotonic, own_key=self._own_key)
         self.reporter = Reporter(config, bus, pool, self.metrics, reactor)
         self.sweeper = Sweeper(config, pool, self.known, self.metrics, reactor, monotonic)
         self.watch = InterfaceWatch(config, pool, self._interface_changed, ifindex)
@@ -101,6 +101,11 @@ class WorkerService(Service):
             bus.subscribe(key_filter(domain), 1, self.applier.on_message)
         bus.add_connect_callback(self._connected)
         bus.add_disconnect_callback(self._disconnected)
+
+    def _own_key(self, domain: str) -> str | None:
+        """The public key of ``domain``'s interface, as last published (None before that)."""
+        data = self.reporter.published_data.get(domain)
+        return data.public_key if data is not None else None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
