@@ -23,7 +23,9 @@ When the interface watch sees ``wg-<D>`` or ``vx-<D>`` come back (wireguard-go
 restarted: the kernel dropped the VXLAN, its routes and FDB entries), the
 worker calls :meth:`KeyApplier.reapply` with every known key of the domain;
 keys that failed for another reason are retried by :meth:`KeyApplier.retry_failed`
-(the service calls it with each metrics tick).
+(the service calls it with each metrics tick), at most :data:`MAX_RETRIES` times.
+The gateway's own public key (anyone can post it: every v2 reply carries it)
+is refused like an invalid key.
 """
 
 from __future__ import annotations
