@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from wgkex.lab import mosquitto as lab_mosquitto
 from wgkex.lab.mosquitto import MOSQUITTO, free_port
-from wgkex.lab.proc import process_stat
+from wgkex.lab.proc import LabError, process_stat, wait_until
 
 __all__ = ["Mosquitto", "free_port", "have_mosquitto", "process_gone", "start_mosquitto", "wait_for"]
 
@@ -38,16 +37,13 @@ def have_mosquitto() -> bool:
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
     """Poll ``predicate`` until it returns a true value or ``timeout`` passes; return that value.
 
-    Unlike the lab's ``wait_until`` this fails the test (AssertionError), not the lab.
+    The lab's ``wait_until``, failing the test (AssertionError) rather than the lab.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    try:
+        value: T = wait_until(predicate, timeout, what, interval)
+    except LabError as exc:
+        raise AssertionError(str(exc)) from None
+    return value
 
 
 def process_gone(pid: int) -> bool:

@@ -43,7 +43,7 @@ from werkzeug.exceptions import HTTPException
 from wgkex.broker import status as status_page
 from wgkex.broker.keylists import KeyLists
 from wgkex.broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from wgkex.broker.metrics import BrokerMetrics
+from wgkex.broker.metrics import BrokerMetrics, BusState
 from wgkex.broker.ratelimit import RateLimiter, client_address, parse_networks
 from wgkex.broker.workers import WorkerPicture
 from wgkex.config import Config
@@ -60,17 +60,8 @@ V2_PATH = "/api/v2/wg/key/exchange"
 _OK_BODY = b'{"Message": "OK"}'
 
 
-class Bus(Protocol):
+class Bus(BusState, Protocol):
     """The part of :class:`wgkex.mqtt.MqttService` the API uses."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    @property
-    def reconnects(self) -> int: ...
-
-    @property
-    def pending(self) -> int: ...
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]: ...
 

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wgkex.config import Config
+from wgkex.topics import data_topic, metric_topic, status_topic
 from wgkex.worker.backend import InterfaceMissing
 from wgkex.worker.bus import Bus
 from wgkex.worker.metrics import WorkerMetrics
@@ -51,18 +52,6 @@ class PeerCount:
 
     total: int
     connected: int
-
-
-def status_topic(worker: str) -> str:
-    return f"wireguard-worker/{worker}/status"
-
-
-def data_topic(worker: str, domain: str) -> str:
-    return f"wireguard-worker/{worker}/{domain}/data"
-
-
-def metric_topic(worker: str, domain: str) -> str:
-    return f"wireguard-metrics/{domain}/{worker}/connected_peers"
 
 
 def data_payload(external_address: str, data: DomainData) -> bytes:
