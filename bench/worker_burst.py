@@ -56,6 +56,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tests.support.mqtt_wire import remaining_length, str16  # noqa: E402
 from wgkex.keys import lladdr  # noqa: E402
 from wgkex.lab.configs import write_config  # noqa: E402
 from wgkex.lab.gateway import twistd  # noqa: E402
@@ -154,17 +155,6 @@ class StatusClient:
 # -- a minimal MQTT 3.1.1 publisher -------------------------------------------------------------
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(s: bytes) -> bytes:
-    return struct.pack("!H", len(s)) + s
 
 
 class RawPublisher:
@@ -178,8 +168,8 @@ class RawPublisher:
     def __init__(self, host: str, port: int, client_id: str) -> None:
         self.sock = socket.create_connection((host, port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        body = _string(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _string(client_id.encode())
-        self.sock.sendall(b"\x10" + _remaining_length(len(body)) + body)
+        body = str16(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + str16(client_id.encode())
+        self.sock.sendall(b"\x10" + remaining_length(len(body)) + body)
         connack = self._read_exact(4)
         if connack[0] != 0x20 or connack[3] != 0:
             raise RuntimeError(f"MQTT CONNACK refused: {connack!r}")
@@ -210,11 +200,11 @@ class RawPublisher:
 
     def publish_all(self, topic: str, payloads: list[bytes]) -> float:
         """Send every payload at QoS 1; returns when all are written (acks are counted in a thread)."""
-        encoded_topic = _string(topic.encode())
+        encoded_topic = str16(topic.encode())
         packets = []
         for i, payload in enumerate(payloads):
             body = encoded_topic + struct.pack("!H", i % 65535 + 1) + payload
-            packets.append(b"\x32" + _remaining_length(len(body)) + body)
+            packets.append(b"\x32" + remaining_length(len(body)) + body)
         self._expected = len(packets)
         reader = threading.Thread(target=self._count_acks, name="pubacks", daemon=True)
         reader.start()

@@ -25,6 +25,7 @@ from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.mqtt_wire import remaining_length, str16
 from wgkex.config import MqttConfig
 from wgkex.mqtt import (
     READ_BUFFER,
@@ -46,20 +47,6 @@ CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONN
 # -- the MQTT server end, by hand ------------------------------------------------------------
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str16(text: str | bytes) -> bytes:
-    data = text.encode() if isinstance(text, str) else text
-    return len(data).to_bytes(2, "big") + data
-
-
 def connack(rc: int = 0, session_present: bool = False) -> bytes:
     return bytes([0x20, 2, int(session_present), rc])
 
@@ -73,8 +60,8 @@ def suback(mid: int, count: int) -> bytes:
 
 
 def publish_packet(topic: str, payload: bytes, qos: int = 0, retain: bool = False, mid: int = 1) -> bytes:
-    body = _str16(topic) + (mid.to_bytes(2, "big") if qos else b"") + payload
-    return bytes([0x30 | qos << 1 | int(retain)]) + _remaining_length(len(body)) + body
+    body = str16(topic) + (mid.to_bytes(2, "big") if qos else b"") + payload
+    return bytes([0x30 | qos << 1 | int(retain)]) + remaining_length(len(body)) + body
 
 
 @dataclass
