@@ -1,4 +1,4 @@
-"""The MQTT topics of CONTRACT.md, in one place for broker and worker.
+"""The MQTT topics of docs/protocol.md, in one place for broker and worker.
 
 | topic | payload | who publishes |
 | --- | --- | --- |

@@ -39,7 +39,7 @@ from wgkex.worker.wireguard import AutoWireGuard
 WG = "wg-t"
 VX = "vx-t"
 LINK_ADDRESS = "fe80::1"
-# CONTRACT.md's vectors, and a third key.
+# docs/protocol.md's vectors, and a third key.
 KEY_1 = "o52Ge+Rpj4CUSitVag9mS7pSXUesNM0ESnvj/wwehkg="
 KEY_2 = "gP3VJnTTvnQut+z4O+m0N9RgMyXbgyUbUkF3E3TKX2w="
 KEY_3 = "qUOb3MNlJvHSU8kQ1xQ6IEXB1mGu3mwTwBVTqqN0ykA="
@@ -172,7 +172,7 @@ class BackendsTests(TestCase):
         self.assertEqual({(mac, via) for mac, _, via in fdb}, {("00:00:00:00:00:00", WG)})
 
     def test_apply_read_repeat_remove(self) -> None:
-        """Three keys become peers, /128 routes and FDB entries exactly as CONTRACT.md says; repeat and removal behave."""
+        """Three keys become peers, /128 routes and FDB entries exactly as docs/protocol.md says; repeat and removal behave."""
         keys = [KEY_1, KEY_2, KEY_3]
         self.assertIsInstance(self.wireguard.backend_for(WG), UapiWireGuard)
         self.assertEqual(self.apply(keys), {})

@@ -1,4 +1,4 @@
-"""The broker's HTTP API in memory (StubTreq): every row and failure class of CONTRACT.md's table."""
+"""The broker's HTTP API in memory (StubTreq): every row and failure class of docs/protocol.md's table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Key validation and the link-local derivation pinned against CONTRACT.md and Gluon's shell recipe."""
+"""Key validation and the link-local derivation pinned against docs/protocol.md and Gluon's shell recipe."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def shell_recipe(key: str) -> str:
 
 class LinkLocalTests(SynchronousTestCase):
     def test_contract_vectors(self) -> None:
-        """Both test vectors of CONTRACT.md give exactly the documented address."""
+        """Both test vectors of docs/protocol.md give exactly the documented address."""
         for key, address in VECTORS:
             self.assertEqual(lladdr(key), address)
 

@@ -33,7 +33,7 @@ from wgkex.keys import lladdr
 from wgkex.worker.backend import BackendError, InterfaceInfo, InterfaceMissing, PeerInfo, PeersFailed
 from wgkex.worker.pool import Backends
 
-#: The CONTRACT.md test vectors.
+#: The test vectors of docs/protocol.md.
 KEY_A = "o52Ge+Rpj4CUSitVag9mS7pSXUesNM0ESnvj/wwehkg="
 LL_A = "fe80::2a6:8fff:fe21:5465"
 KEY_B = "gP3VJnTTvnQut+z4O+m0N9RgMyXbgyUbUkF3E3TKX2w="

@@ -100,7 +100,7 @@ class ApplierTests(SynchronousTestCase):
         self.applier = KeyApplier(self.config, self.pool, self.known, self.metrics, self.clock)
 
     def test_key_installed(self) -> None:
-        """A key becomes a peer with lladdr/128, a route and an FDB entry (CONTRACT vectors)."""
+        """A key becomes a peer with lladdr/128, a route and an FDB entry (the vectors of docs/protocol.md)."""
         self.applier.on_message(WELT, KEY_A.encode(), False)
         self.applier.on_message(OST, KEY_B.encode(), False)
         self.assertEqual(self.kernel.peers["wg-welt"][KEY_A].allowed_ips, (LL_A + "/128",))

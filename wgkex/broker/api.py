@@ -1,4 +1,4 @@
-"""The broker's HTTP API (CONTRACT.md, "HTTP API"), as a Klein app built from the configuration.
+"""The broker's HTTP API (docs/protocol.md, "HTTP API"), as a Klein app built from the configuration.
 
 A key travels through :meth:`BrokerApi.key_exchange`:
 

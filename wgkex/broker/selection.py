@@ -10,7 +10,7 @@ candidate with the smallest deficit -- the one furthest below its fair share --
 is chosen; equal deficits go to the smallest name, so every broker that sees
 the same bus chooses the same worker.
 
-Decided here (CONTRACT.md leaves it open): ``sum(weights)`` and
+Decided here (and written down in docs/protocol.md): ``sum(weights)`` and
 ``total_peers`` both range over the *candidates* only. Then the targets add
 up to exactly the peers being balanced, so a stream of choices converges to
 the configured ratio (3:1 weights give 30:10 out of 40) whether or not other

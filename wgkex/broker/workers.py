@@ -1,6 +1,6 @@
 """The broker's picture of the workers, built only from MQTT messages.
 
-Workers publish three kinds of retained messages (CONTRACT.md, "MQTT"):
+Workers publish three kinds of retained messages (docs/protocol.md, "MQTT"):
 
 - ``wireguard-worker/{worker}/status``: ``1`` online, ``0`` offline (also the last will);
 - ``wireguard-worker/{worker}/{domain}/data``: JSON with ExternalAddress, Port, PublicKey, LinkAddress;

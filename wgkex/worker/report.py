@@ -1,6 +1,6 @@
 """What the worker tells the broker: status, per-domain data and connected-peer counts.
 
-Topics and payloads (CONTRACT.md, "MQTT"), all QoS 1 and retained:
+Topics and payloads (docs/protocol.md, "MQTT"), all QoS 1 and retained:
 
 * ``wireguard-worker/{worker}/status``: ``1`` on every (re)connect, ``0`` on
   shutdown (and as the last will, set up by the service builder);

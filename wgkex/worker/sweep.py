@@ -1,6 +1,6 @@
 """Stale peers: find and remove them (peer, route, FDB entry), in the pool.
 
-Rules (CONTRACT.md, "Stale peers"), decided by the pure :func:`stale_keys`:
+Rules (docs/protocol.md, "Stale peers"), decided by the pure :func:`stale_keys`:
 
 * a peer whose latest handshake is older than ``peer_timeout`` is stale;
 * a peer that never shook hands is stale only once the worker has known it
