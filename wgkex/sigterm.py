@@ -16,22 +16,13 @@ default action, which would end the process without a word.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-
-class _Reactor(Protocol):
-    running: bool
-
-    def callWhenRunning(self, f: Callable[..., object], *args: object) -> object: ...
-
-    def callFromThread(self, f: Callable[..., object], *args: object) -> None: ...
-
-    def stop(self) -> None: ...
+from wgkex.reactor import IReactor
 
 
 class CleanSigterm(Service):
@@ -40,7 +31,7 @@ class CleanSigterm(Service):
     name = "sigterm"
     log = Logger()
 
-    def __init__(self, reactor: _Reactor, signals: Any = signal, hangup: str | None = None) -> None:
+    def __init__(self, reactor: IReactor, signals: Any = signal, hangup: str | None = None) -> None:
         self._reactor = reactor
         self._signals = signals
         self._hangup = hangup

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wgkex.config import Config
+from wgkex.reactor import IReactor
 from wgkex.topics import key_filter
 from wgkex.worker.bus import Bus
 from wgkex.worker.http import ConnectivityCheck, Listen, StatusListener, status_site
@@ -64,7 +65,7 @@ class WorkerService(Service):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IReactor,
         bus: Bus,
         pool: Pool,
         *,
@@ -239,7 +240,7 @@ class WorkerRoot(MultiService):
 
 def build_worker(
     config: Config,
-    reactor: Any,
+    reactor: IReactor,
     bus: Bus,
     pool: Pool,
     *,

@@ -20,8 +20,6 @@ __all__ = ["Options", "makeService"]
 
 def makeService(options: Options) -> IService:
     """Build (not start) the worker's services."""
-    from twisted.internet import reactor
-
     from wgkex.logs import LoggingService
     from wgkex.mqtt import MqttService, Will
     from wgkex.worker.backend import Rtnl, WireGuard
@@ -30,6 +28,9 @@ def makeService(options: Options) -> IService:
     from wgkex.worker.service import build_worker
     from wgkex.sigterm import CleanSigterm
 
+    from wgkex.reactor import installed_reactor
+
+    reactor = installed_reactor()
     config = options.config
     worker = config.worker
 
@@ -44,14 +45,14 @@ def makeService(options: Options) -> IService:
         return PyrouteRtnl()
 
     bus = MqttService(
-        reactor,  # type: ignore[arg-type]
+        reactor,
         config.mqtt,
         client_id=config.mqtt.client_id or worker.name,
         clean_session=False,
         will=Will(status_topic(worker.name), b"0", qos=1, retain=True),
         name="mqtt",
     )
-    pool = BackendPool(reactor, make_wireguard, make_rtnl)  # type: ignore[arg-type]
+    pool = BackendPool(reactor, make_wireguard, make_rtnl)
     return build_worker(
         config,
         reactor,
@@ -59,6 +60,6 @@ def makeService(options: Options) -> IService:
         pool,
         support=[
             LoggingService(config.log_level, config.logging_config),
-            CleanSigterm(reactor, hangup="the worker has nothing to reload; restart it to apply a changed configuration"),  # type: ignore[arg-type]
+            CleanSigterm(reactor, hangup="the worker has nothing to reload; restart it to apply a changed configuration"),
         ],
     )
