@@ -70,6 +70,13 @@ class MqttConfig:
     reconnect_max_delay: float = 30.0
     #: Publishes kept while disconnected; beyond this ``publish`` refuses.
     queue_limit: int = 10_000
+    #: ``mqtt.servers``: several ``(host, port)`` to fail over between, in order; empty means
+    #: the one server ``broker_url`` / ``broker_port``.
+    servers: tuple[tuple[str, int], ...] = ()
+
+    def server_list(self) -> tuple[tuple[str, int], ...]:
+        """The servers to try, in order (``servers``, else ``broker_url``/``broker_port``)."""
+        return self.servers or ((self.broker_url, self.broker_port),)
 
 
 @dataclass(frozen=True)

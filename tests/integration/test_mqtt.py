@@ -37,7 +37,9 @@ from twisted.trial.unittest import TestCase
 
 from tests.support.mosquitto import Mosquitto, free_port, start_mosquitto
 from tests.support.skips import need_mosquitto
-from tests.unit.test_mqtt import CONNECT, DISCONNECT, SUBSCRIBE, connack, publish_packet, split_packets, suback
+from tests.unit.test_mqtt import (
+    CONNECT, DISCONNECT, SUBSCRIBE, connack, observe_logs, publish_packet, split_packets, suback,
+)
 from wgkex.config import MqttConfig
 from wgkex.mqtt import MqttService, Will
 
@@ -329,7 +331,7 @@ class MqttServiceIntegrationTests(TestCase):
             reactor,
             MqttConfig(broker_url="127.0.0.1", broker_port=proxy.port, keepalive=1, reconnect_max_delay=0.5),
         )
-        service.log = Logger(namespace="wgkex.mqtt", observer=events.append)  # type: ignore[arg-type]
+        observe_logs(service, events.append)
         got: list[bytes] = []
         service.subscribe("wgkex-test/ka", 1, lambda t, p, r: got.append(p))
         service.startService()
@@ -518,7 +520,7 @@ class MqttTlsIntegrationTests(TestCase):
                        keepalive=5, reconnect_max_delay=0.2),
         )
         events: list[dict[str, Any]] = []
-        service.log = Logger(namespace="wgkex.mqtt", observer=events.append)  # type: ignore[arg-type]
+        observe_logs(service, events.append)
         service.startService()
         self.addCleanup(service.stopService)
         await until(lambda: len([e for e in events if "delay" in e]) >= 3, "three refused attempts")

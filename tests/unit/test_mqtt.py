@@ -27,19 +27,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.mqtt_wire import remaining_length, str16
 from wgkex.config import MqttConfig
-from wgkex.mqtt import (
-    READ_BUFFER,
-    READ_BURST,
-    WINDOW,
-    Backoff,
-    MqttService,
-    MqttStopped,
-    QueueFull,
-    TopicFilter,
-    Will,
-    _BufferedSocket,
-    describe_server,
-)
+from wgkex.mqtt import Backoff, MqttService, MqttStopped, QueueFull, TopicFilter, Will, describe_server
+from wgkex.mqtt.outbox import WINDOW
+from wgkex.mqtt.paho_socket import READ_BUFFER, READ_BURST, BufferedSocket
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
 
@@ -256,6 +246,12 @@ class ManualThreadPool(SyncThreadPool):
             work()
 
 
+def observe_logs(service: MqttService, observer: Callable[[LogEvent], None]) -> None:
+    """Send what ``service`` and its parts log to ``observer`` (and nowhere else)."""
+    for part in (service, service.connector, service._io, service.subscriptions):
+        part.log = Logger(namespace="wgkex.mqtt", observer=cast(ILogObserver, observer))
+
+
 class _Service(MqttService):
     """The real service with the synchronous pool plugged in."""
 
@@ -282,8 +278,8 @@ class MqttTestCase(SynchronousTestCase):
                 settings_args[key] = kwargs.pop(key)
         service = _Service(self.reactor, MqttConfig(**settings_args), **kwargs)
         service.pool = self.pool
-        service.backoff = Backoff(0.5, service.settings.reconnect_max_delay)  # no jitter: exact delays
-        service.log = Logger(namespace="wgkex.mqtt", observer=cast(ILogObserver, self.events.append))
+        service.connector.backoff = Backoff(0.5, service.settings.reconnect_max_delay)  # no jitter: exact delays
+        observe_logs(service, self.events.append)
         self.addCleanup(self.stop_quietly, service)
         return service
 
@@ -698,11 +694,11 @@ class MessageTests(MqttTestCase):
         (reader,) = self.reactor.getReaders()
         reader.doRead()
         self.assertEqual(len(got), READ_BURST)
-        scheduled = service._read_again
+        scheduled = service._io._read_again
         assert scheduled is not None and scheduled.active()
         conn.close()
         # What an unexpected read error does: cut the connection (the buffered bytes die with it).
-        service._abort(service._socket, "test")  # type: ignore[arg-type]
+        service._io.abort("test")
         self.assertFalse(scheduled.active())
         delivered = len(got)
         self.reactor.advance(0)
@@ -740,7 +736,7 @@ class BufferedSocketTests(SynchronousTestCase):
     def test_one_recv_serves_many_small_reads(self) -> None:
         """Paho's small reads are served from one large recv; the rest counts as pending."""
         stub = StubSocket([b"\x30\x05hello\x30"])
-        sock = _BufferedSocket(stub)
+        sock = BufferedSocket(stub)
         self.assertEqual(sock.recv(1), b"\x30")
         self.assertEqual(sock.pending(), 7)
         self.assertEqual(sock.recv(1), b"\x05")
@@ -753,27 +749,27 @@ class BufferedSocketTests(SynchronousTestCase):
     def test_large_read_passes_through(self) -> None:
         """A read of more than the buffer size asks the socket for that much and buffers nothing."""
         stub = StubSocket([b"x" * (READ_BUFFER + 10)])
-        sock = _BufferedSocket(stub)
+        sock = BufferedSocket(stub)
         self.assertEqual(len(sock.recv(READ_BUFFER + 10)), READ_BUFFER + 10)
         self.assertEqual(stub.asked, [READ_BUFFER + 10])
         self.assertEqual(sock.pending(), 0)
 
     def test_end_of_file(self) -> None:
         """The peer closing (recv gives b'') reaches paho as b''."""
-        sock = _BufferedSocket(StubSocket([b""]))
+        sock = BufferedSocket(StubSocket([b""]))
         self.assertEqual(sock.recv(1), b"")
 
     def test_pending_includes_the_ssl_object(self) -> None:
         """Decrypted bytes inside an SSL object count as pending too."""
-        sock = _BufferedSocket(StubSocket([b"ab"], inner_pending=3))
+        sock = BufferedSocket(StubSocket([b"ab"], inner_pending=3))
         sock.recv(1)
         self.assertEqual(sock.pending(), 4)
-        self.assertEqual(_BufferedSocket(object()).pending(), 0)  # a plain socket has no pending()
+        self.assertEqual(BufferedSocket(object()).pending(), 0)  # a plain socket has no pending()
 
     def test_other_calls_reach_the_socket(self) -> None:
         """close() drops the buffer and closes the socket; anything else goes straight through."""
         stub = StubSocket([b"abc"])
-        sock = _BufferedSocket(stub)
+        sock = BufferedSocket(stub)
         sock.recv(1)
         sock.settimeout(3.0)
         self.assertEqual(stub.timeout, 3.0)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from klein import Klein
 from klein.resource import KleinResource
@@ -43,12 +43,12 @@ from werkzeug.exceptions import HTTPException
 from wgkex.broker import status as status_page
 from wgkex.broker.keylists import KeyLists
 from wgkex.broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from wgkex.broker.metrics import BrokerMetrics, BusState
+from wgkex.broker.metrics import BrokerMetrics
 from wgkex.broker.ratelimit import RateLimiter, client_address, parse_networks
 from wgkex.broker.workers import WorkerPicture
+from wgkex.bus import Bus, QueueFull
 from wgkex.config import Config
 from wgkex.keys import key_problem
-from wgkex.mqtt import QueueFull
 from wgkex.topics import key_topic
 
 JSON = b"application/json"
@@ -58,12 +58,6 @@ V1_PATH = "/api/v1/wg/key/exchange"
 V2_PATH = "/api/v2/wg/key/exchange"
 
 _OK_BODY = b'{"Message": "OK"}'
-
-
-class Bus(BusState, Protocol):
-    """The part of :class:`wgkex.mqtt.MqttService` the API uses."""
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]: ...
 
 
 class Refused(Exception):

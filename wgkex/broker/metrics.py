@@ -15,7 +15,6 @@ domain, peers per worker and domain.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,6 +23,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from wgkex.broker.workers import WorkerPicture
+from wgkex.bus import Bus
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -33,23 +33,10 @@ ENDPOINTS = ("v1", "v2", "index", "status", "metrics", "healthz", "readyz", "oth
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class BusState(Protocol):
-    """What the metrics read from the MQTT service."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    @property
-    def reconnects(self) -> int: ...
-
-    @property
-    def pending(self) -> int: ...
-
-
 class _LiveCollector:
     """Reads MQTT and worker state at scrape time."""
 
-    def __init__(self, bus: Callable[[], BusState | None], picture: WorkerPicture) -> None:
+    def __init__(self, bus: Callable[[], Bus | None], picture: WorkerPicture) -> None:
         self._bus = bus
         self._picture = picture
 
@@ -96,7 +83,7 @@ class _LiveCollector:
 class BrokerMetrics:
     """All metrics of one broker, in a registry of its own."""
 
-    def __init__(self, picture: WorkerPicture, bus: Callable[[], BusState | None], process: bool = True) -> None:
+    def __init__(self, picture: WorkerPicture, bus: Callable[[], Bus | None], process: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

@@ -31,13 +31,13 @@ import ipaddress
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from wgkex.broker.selection import Candidate, choose
 from wgkex import topics
+from wgkex.bus import Bus
 from wgkex.keys import key_problem
 
 STATUS_TOPIC = topics.STATUS_FILTER
@@ -302,12 +302,6 @@ class WorkerPicture:
         return self._weight(name)
 
 
-class Subscriber(Protocol):
-    """The part of :class:`wgkex.mqtt.MqttService` the tracker needs."""
-
-    def subscribe(self, topic_filter: str, qos: int, callback: Callable[[str, bytes, bool], None]) -> None: ...
-
-
 class WorkerTracker:
     """Subscribes a :class:`WorkerPicture` to the worker topics; logs and counts bad messages."""
 
@@ -327,7 +321,7 @@ class WorkerTracker:
         #: kind -> (clock time of the last logged line, messages suppressed since)
         self._last_logged: dict[str, tuple[float, int]] = {}
 
-    def subscribe(self, bus: Subscriber) -> None:
+    def subscribe(self, bus: Bus) -> None:
         for topic in (STATUS_TOPIC, DATA_TOPIC, METRICS_TOPIC):
             bus.subscribe(topic, 1, self.message)
 

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from wgkex.config import Config
 from wgkex.topics import data_topic, metric_topic, status_topic
 from wgkex.worker.backend import InterfaceMissing
-from wgkex.worker.bus import Bus
+from wgkex.bus import Bus
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.pool import Backends, Pool, gc_paused
 

@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from wgkex.config import Config
 from wgkex.reactor import IReactor
 from wgkex.topics import key_filter
-from wgkex.worker.bus import Bus
+from wgkex.bus import Bus
 from wgkex.worker.http import ConnectivityCheck, Listen, StatusListener, status_site
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics

@@ -1,0 +1,63 @@
+"""The message bus as the rest of wgkex sees it: one protocol, two errors.
+
+The broker's API, its worker picture and metrics, and the worker's services are
+typed against :class:`Bus`, never against the MQTT implementation
+(:class:`wgkex.mqtt.MqttService` provides it; tests hand in small in-memory
+fakes). Importing this module pulls in neither paho nor a reactor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+#: ``callback(topic, payload, retained)`` for one message matching a subscription.
+MessageCallback = Callable[[str, bytes, bool], None]
+
+
+class QueueFull(Exception):
+    """``publish`` refused: the queue of publishes waiting for the MQTT server is full."""
+
+
+class MqttStopped(Exception):
+    """The bus stopped before the MQTT server acknowledged this publish."""
+
+
+class Bus(Protocol):
+    """One MQTT connection kept up by a service: publish, subscribe, and its state."""
+
+    @property
+    def connected(self) -> bool:
+        """True while connected (CONNACK received, connection not lost since)."""
+        ...
+
+    @property
+    def reconnects(self) -> int:
+        """Successful connects after the first."""
+        ...
+
+    @property
+    def pending(self) -> int:
+        """Publishes waiting for the server (made while disconnected, or beyond the window)."""
+        ...
+
+    def subscribe(self, topic_filter: str, qos: int, callback: MessageCallback) -> None:
+        """Call ``callback`` for every message matching ``topic_filter``, for as long as the bus lives."""
+        ...
+
+    def add_connect_callback(self, cb: Callable[[], None]) -> None:
+        """Call ``cb()`` after every (re)connect, once the subscriptions have been sent."""
+        ...
+
+    def add_disconnect_callback(self, cb: Callable[[], None]) -> None:
+        """Call ``cb()`` whenever an established connection ends."""
+        ...
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]:
+        """Publish, or queue while disconnected; the Deferred fires once the server has it.
+
+        Raises :class:`QueueFull` when the queue is full.
+        """
+        ...

@@ -1,0 +1,69 @@
+"""The paho client, configured from ``mqtt:`` in the configuration (nothing connects here)."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from wgkex.config import MqttConfig
+from wgkex.mqtt.outbox import WINDOW
+from wgkex.mqtt.paho_socket import BufferedSocket
+
+#: Timeout of the blocking TCP connect and TLS handshake, seconds.
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Will:
+    """The last will: what the server publishes when this client vanishes without DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class _BufferedClient(paho.Client):
+    """paho's client, reading through :class:`~wgkex.mqtt.paho_socket.BufferedSocket`.
+
+    Paho offers no public way to wrap the socket that ``reconnect()`` opens (the
+    ``on_socket_open`` callback only reports it), so this overrides paho 2.x's
+    private ``_create_socket``, the one place that socket is made. Should paho
+    drop it, only the read buffer is lost: everything still works unbuffered.
+    """
+
+    def _create_socket(self) -> Any:
+        return BufferedSocket(super()._create_socket())
+
+
+def make_client(settings: MqttConfig, client_id: str, clean_session: bool, will: Will | None) -> paho.Client:
+    """A paho client for MQTT 3.1.1 without its own thread and without automatic reconnects.
+
+    Raises ``ValueError`` (naming ``mqtt.ca_file``) when the CA file cannot be loaded.
+    """
+    client = _BufferedClient(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=clean_session,
+        protocol=MQTTProtocolVersion.MQTTv311,
+        transport=settings.transport,  # type: ignore[arg-type]
+        reconnect_on_failure=False,
+    )
+    # Without this, one exception in any callback silently stops all reading.
+    client.suppress_exceptions = True
+    client.max_inflight_messages = WINDOW
+    client.connect_timeout = CONNECT_TIMEOUT
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        try:
+            client.tls_set(ca_certs=settings.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"mqtt.ca_file {settings.ca_file!r}: cannot load CA certificates: {exc}") from None
+    if will is not None:
+        client.will_set(will.topic, will.payload, will.qos, will.retain)
+    return client
