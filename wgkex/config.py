@@ -415,9 +415,11 @@ def parse_config(
 
     m = top.section("mqtt")
     transport = m.choice("transport", "tcp", TRANSPORTS)
+    broker_port = m.integer("broker_port", 8883 if m.boolean("tls", False) else 1883, 1, 65535)
     mqtt = MqttConfig(
         broker_url=m.string("broker_url", "localhost"),
-        broker_port=m.integer("broker_port", 8883 if m.boolean("tls", False) else 1883, 1, 65535),
+        broker_port=broker_port,
+        servers=_servers(m, broker_port),
         username=m.opt_string("username"),
         password=m.opt_string("password"),
         keepalive=m.integer("keepalive", 5, 1, 65535),
@@ -482,6 +484,30 @@ def parse_config(
         log_level=top.choice("log_level", "info", LOG_LEVELS),
         logging_config=logging_config,
     )
+
+
+def _servers(reader: _Reader, default_port: int) -> tuple[tuple[str, int], ...]:
+    """``mqtt.servers``: ``[{host, port}, ...]`` to fail over between, in order (port: ``broker_port``)."""
+    value = reader.data.get("servers")
+    if value is None:
+        return ()
+    example = "{host: mq1.example.net, port: 1883}"
+    if not isinstance(value, list) or not value:
+        raise reader.fail("servers", f"must be a non-empty list of mappings like {example}, got {_describe(value)}")
+    servers = []
+    for i, entry in enumerate(value):
+        name = f"servers[{i}]"
+        if not isinstance(entry, Mapping):
+            raise reader.fail(name, f"must be a mapping like {example}, got {_describe(entry)}")
+        unknown = sorted(str(k) for k in entry if k not in ("host", "port"))
+        if unknown:
+            raise reader.fail(name, f"unknown key {unknown[0]!r}: a server has only host and port")
+        item = _Reader(reader.path, entry, reader.key(name) + ".")
+        host = entry.get("host")
+        if not isinstance(host, str) or not host.strip():
+            raise item.fail("host", f"must be the server's host name, address or socket path (quoted), got {_describe(host)}")
+        servers.append((host.strip(), item.integer("port", default_port, 1, 65535)))
+    return tuple(servers)
 
 
 def _networks(reader: _Reader, name: str) -> tuple[str, ...]:

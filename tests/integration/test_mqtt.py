@@ -165,6 +165,27 @@ class MqttServiceIntegrationTests(TestCase):
         return service
 
     @deferred_test
+    async def test_fails_over_to_the_next_server(self) -> None:
+        """With mqtt.servers, a client whose server is killed (SIGKILL) moves to the next and delivers there."""
+        second = start_mosquitto(cast(Any, self))
+        service = self.service(settings=MqttConfig(
+            servers=(("127.0.0.1", self.broker.port), ("127.0.0.1", second.port)), keepalive=2, reconnect_max_delay=0.5,
+        ))
+        first_watcher = PahoWatcher(self, self.broker.port, "wgkex-test/failover")
+        second_watcher = PahoWatcher(self, second.port, "wgkex-test/failover")
+        await until(lambda: service.connected and first_watcher.subscribed.is_set()
+                    and second_watcher.subscribed.is_set(), "all clients connected")
+        self.assertEqual(service.server, f"127.0.0.1:{self.broker.port}")
+        await service.publish("wgkex-test/failover", b"one", qos=1)
+        await until(lambda: first_watcher.payloads() == [b"one"], "the message on the first server")
+        self.broker.stop(kill=True)
+        await until(lambda: not service.connected, "the loss to be noticed")
+        await until(lambda: service.connected, "a connection to the second server")
+        self.assertEqual(service.server, f"127.0.0.1:{second.port}")
+        await service.publish("wgkex-test/failover", b"two", qos=1)
+        await until(lambda: second_watcher.payloads() == [b"two"], "the message on the second server")
+
+    @deferred_test
     async def test_round_trip(self) -> None:
         """A publish reaches the service's own subscription and an independent client; retained is flagged."""
         service = self.service()

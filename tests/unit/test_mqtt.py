@@ -273,7 +273,7 @@ class MqttTestCase(SynchronousTestCase):
         settings_args: dict[str, Any] = {
             "transport": "unix", "broker_url": self.server.path, "keepalive": 60, "reconnect_max_delay": 8.0,
         }
-        for key in ("queue_limit", "username", "password", "client_id", "reconnect_max_delay"):
+        for key in ("queue_limit", "username", "password", "client_id", "reconnect_max_delay", "servers"):
             if key in kwargs:
                 settings_args[key] = kwargs.pop(key)
         service = _Service(self.reactor, MqttConfig(**settings_args), **kwargs)
