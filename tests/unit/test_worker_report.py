@@ -21,6 +21,7 @@ from tests.unit.test_worker_fakes import (
     key,
     make_config,
 )
+from wgkex.broker.workers import WorkerPicture
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.report import Reporter, count_peers
 
@@ -66,6 +67,45 @@ class ReporterTests(SynchronousTestCase):
         )
         self.assertEqual(json.loads(self.bus.last(DATA_OST) or b"")["Port"], 51821)
         self.assertEqual(self.bus.last(METRIC_WELT), b"0")
+
+    def test_reannounce_repeats_status_and_data(self) -> None:
+        """reannounce publishes status 1 and each domain's data again, byte for byte, QoS 1 retained."""
+        self.bus.connect()
+        self.successResultOf(self.reporter.on_connect())
+        first = {t: p for t, p, _, _ in self.bus.published}
+        self.bus.published.clear()
+        self.reporter.reannounce()
+        self.assertEqual(
+            self.bus.published,
+            [(STATUS, b"1", 1, True), (DATA_WELT, first[DATA_WELT], 1, True), (DATA_OST, first[DATA_OST], 1, True)],
+        )
+
+    def test_reannounce_gives_a_late_broker_the_whole_picture(self) -> None:
+        """A broker that got none of the retained messages sees the worker eligible after one report."""
+        self.bus.connect()
+        self.successResultOf(self.reporter.on_connect())
+        self.bus.published.clear()  # what a broker on another RabbitMQ node never received
+        picture = WorkerPicture(("ffmuc_welt", "ffmuc_ost"), lambda n: 1, self.clock)
+        self.reporter.reannounce()
+        self.successResultOf(self.reporter.publish_counts())
+        for topic, payload, _, _ in self.bus.published:
+            picture.handle(topic, payload)
+        self.assertEqual([w.name for w in picture.eligible("ffmuc_welt")], ["gw1"])
+        self.assertEqual([w.name for w in picture.eligible("ffmuc_ost")], ["gw1"])
+
+    def test_reannounce_skips_missing_interface_and_disconnected_bus(self) -> None:
+        """No data is repeated for a domain whose interface went away, and nothing while disconnected."""
+        self.bus.connect()
+        self.successResultOf(self.reporter.on_connect())
+        self.kernel.delete("wg-ost")
+        self.successResultOf(self.reporter.publish_counts())
+        self.bus.published.clear()
+        self.reporter.reannounce()
+        self.assertEqual([t for t, _, _, _ in self.bus.published], [STATUS, DATA_WELT])
+        self.bus.disconnect()
+        self.bus.published.clear()
+        self.reporter.reannounce()
+        self.assertEqual(self.bus.published, [])
 
     def test_connected_peer_count(self) -> None:
         """Only peers with a handshake within 180 s count as connected."""

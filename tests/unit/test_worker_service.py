@@ -184,6 +184,18 @@ class WorkerTreeTests(SynchronousTestCase):
         self.reactor.advance(1)
         self.assertEqual(self.bus.last(METRIC_WELT), b"1")
 
+    def test_metrics_tick_reannounces_status_and_data(self) -> None:
+        """Each metrics tick publishes status 1 and the data again before the counts."""
+        self.start()
+        self.bus.connect()
+        self.bus.published.clear()
+        self.reactor.advance(60)
+        self.assertEqual(
+            [t for t, _, _, _ in self.bus.published],
+            [STATUS, DATA_WELT, "wireguard-worker/gw1/ffmuc_ost/data", METRIC_WELT, METRIC_OST],
+        )
+        self.assertEqual(self.bus.last(STATUS), b"1")
+
     def test_stop_publishes_goodbye_before_disconnect(self) -> None:
         """On stop: metric -1 per domain and status 0 are published before MQTT stops; the pool stops last."""
         root = self.start()

@@ -2,10 +2,12 @@
 
 Topics and payloads (docs/protocol.md, "MQTT"), all QoS 1 and retained:
 
-* ``wireguard-worker/{worker}/status``: ``1`` on every (re)connect, ``0`` on
-  shutdown (and as the last will, set up by the service builder);
+* ``wireguard-worker/{worker}/status``: ``1`` on every (re)connect and with
+  every metrics report, ``0`` on shutdown (and as the last will, set up by the
+  service builder);
 * ``wireguard-worker/{worker}/{domain}/data``: JSON ``{"ExternalAddress",
-  "Port", "PublicKey", "LinkAddress"}`` on every (re)connect, read in the pool
+  "Port", "PublicKey", "LinkAddress"}`` on every (re)connect (and again with
+  every metrics report, as last published), read in the pool
   from ``wg-<D>`` (``WireGuard.interface`` and ``Rtnl.link_local_address``); a
   domain whose interface is missing is logged and published on a later tick;
 * ``wireguard-metrics/{domain}/{worker}/connected_peers``: peers with a
@@ -13,6 +15,15 @@ Topics and payloads (docs/protocol.md, "MQTT"), all QoS 1 and retained:
   ``metrics_interval``; counted in the pool (a 100,000-peer dump never touches
   the reactor); ``-1`` on shutdown, and while the interface is missing (the
   worker cannot take routers for that domain then).
+
+Why status and data are repeated (:meth:`Reporter.reannounce`): retained
+messages alone do not reach every broker on every MQTT server. RabbitMQ keeps
+them per cluster node and sends none for topic filters with wildcards (which is
+how brokers subscribe), so a broker that starts, or moves to another node, after
+a worker connected would never learn of it. Repeated with each metrics report,
+the same messages give every broker the whole picture within one
+``metrics_interval``, whatever node each is connected to; brokers of the
+original wgkex read them as before.
 """
 
 from __future__ import annotations
@@ -183,6 +194,16 @@ class Reporter:
             if self._bus.connected:
                 self._publish(data_topic(self._worker, domain), data_payload(self._external, data))
                 self.published_data[domain] = data
+
+    def reannounce(self) -> None:
+        """Publish status 1 and every available domain's data (as last published) again, when connected."""
+        if not self._bus.connected:
+            return
+        self._publish(status_topic(self._worker), b"1")
+        for domain, data in self.published_data.items():
+            # Not for a domain whose interface was missing at the last read or count.
+            if domain not in self._data_missing and not isinstance(self.last_counts.get(domain), str):
+                self._publish(data_topic(self._worker, domain), data_payload(self._external, data))
 
     def publish_counts(self) -> Deferred[None]:
         """Count connected peers in the pool, update the gauges, publish when connected."""

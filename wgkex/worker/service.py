@@ -21,8 +21,8 @@ Timers of :class:`WorkerService`:
 * interface watch every ``watch_interval`` (5 s): re-applies known keys of a
   domain whose interfaces were recreated, republishes its data, keeps the
   connectivity check bound;
-* metrics every ``metrics_interval``: connected-peer counts (also right after
-  each connect) and a retry of keys that failed;
+* metrics every ``metrics_interval``: status and data again, connected-peer
+  counts (also right after each connect) and a retry of keys that failed;
 * sweep every ``cleanup_interval``: stale peers.
 """
 
@@ -158,6 +158,8 @@ class WorkerService(Service):
 
     def _metrics_tick(self) -> Deferred[None]:
         self.applier.retry_failed()
+        # Status and data again before the counts: see wgkex.worker.report for why.
+        self.reporter.reannounce()
         return self.reporter.publish_counts()
 
     def _check_interfaces(self) -> Deferred[None]:
