@@ -50,18 +50,20 @@ def worker_config(
     reconnect_max_delay: float = 2.0,
     metrics_interval: float = 60.0,
     worker_listen: str | None = "127.0.0.1:9101",
+    mqtt: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A worker's config: MQTT over the unix socket (it runs inside a namespace), UAPI backend.
 
     ``worker_listen`` is inside the gateway's namespace, so every gateway can
-    use the same address.
+    use the same address. ``mqtt`` replaces the whole ``mqtt`` section (e.g. a
+    list of TCP servers reached through a relay into the namespace).
     """
     return {
         "domains": list(domains),
         "domain_prefixes": list(prefixes),
         "worker_name": name,
         "externalName": external_name,
-        "mqtt": {
+        "mqtt": dict(mqtt) if mqtt is not None else {
             "transport": "unix",
             "broker_url": mqtt_socket,
             "keepalive": keepalive,

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from wgkex.keys import lladdr
@@ -88,8 +89,12 @@ class Gateway:
         keepalive: int = 5,
         metrics_interval: float = 60.0,
         directory: str,
+        mqtt: Mapping[str, Any] | None = None,
     ) -> Gateway:
-        """Namespace, veth, wireguard-go, VXLAN and the worker's config (the worker is not started)."""
+        """Namespace, veth, wireguard-go, VXLAN and the worker's config (the worker is not started).
+
+        ``mqtt`` replaces the worker's ``mqtt`` section (default: the lab's unix socket).
+        """
         short = next(domain[len(p):] for p in prefixes if domain.startswith(p))
         wg_iface, vx_iface = f"wg-{short}", f"vx-{short}"
         os.makedirs(directory, exist_ok=True)
@@ -107,7 +112,7 @@ class Gateway:
             os.path.join(directory, "worker.yaml"),
             worker_config(
                 name=name, external_name=v6, domains=[domain], prefixes=prefixes,
-                mqtt_socket=mqtt_socket, keepalive=keepalive, metrics_interval=metrics_interval,
+                mqtt_socket=mqtt_socket, keepalive=keepalive, metrics_interval=metrics_interval, mqtt=mqtt,
             ),
         )
         argv = wg.enter_argv([twistd(), "-n", "--pidfile=", "wgkex-worker", "--config", config])

@@ -84,6 +84,7 @@ class Lab:
         keepalive: int = 5,
         metrics_interval: float = 60.0,
         base: str | None = None,
+        broker_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not lab_id.replace("-", "").isalnum() or len(lab_id) > 12:
             raise LabError(f"lab id {lab_id!r} must be at most 12 letters, digits or '-'")
@@ -94,6 +95,8 @@ class Lab:
         self.vni = vni
         self.keepalive = keepalive
         self.metrics_interval = metrics_interval
+        #: The broker config's ``broker`` section (e.g. rate limits lifted for a benchmark).
+        self.broker_settings = dict(broker_settings or {})
         self.directory = os.path.join(base or base_dir(), lab_id)
         self.ledger = Ledger(self.directory)
         self.lan: Namespace | None = None
@@ -153,12 +156,12 @@ class Lab:
         self.ledger.add_proc(self.mosquitto.start())
 
         self.broker_port = free_port()
-        config = write_config(
-            os.path.join(self.directory, "broker.yaml"),
-            broker_config(domains=[self.domain], prefixes=self.prefixes, weights=self.weights,
-                          mqtt_port=self.mosquitto.port, listen_port=self.broker_port,
-                          keepalive=self.keepalive),
-        )
+        settings = broker_config(domains=[self.domain], prefixes=self.prefixes, weights=self.weights,
+                                 mqtt_port=self.mosquitto.port, listen_port=self.broker_port,
+                                 keepalive=self.keepalive)
+        if self.broker_settings:
+            settings["broker"] = dict(self.broker_settings)
+        config = write_config(os.path.join(self.directory, "broker.yaml"), settings)
         self.broker_argv = [twistd(), "-n", "--pidfile=", "wgkex-broker", "--config", config]
         self.start_broker()
 
