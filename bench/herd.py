@@ -1,0 +1,181 @@
+"""The bad day after an outage: N routers re-register through v2 at once, fresh connection each.
+
+Run as root::
+
+    .venv/bin/python bench/herd.py [--routers 10000] [--gateways 2] [--concurrency 256]
+                                   [--server mosquitto|cluster|both]
+
+``mosquitto``: the lab (:class:`wgkex.lab.lab.Lab`): one mosquitto, one broker,
+G gateways (wireguard-go ``wg-welt`` + VXLAN + the real worker in namespaces).
+``cluster``: :class:`tests.support.cluster_lab.ClusterLab`: three RabbitMQ
+nodes with the MQTT plugin, clustered, sessions mirrored; two brokers (the
+routers split between them) and G gateways, each pointed at another node first.
+Rate limits are lifted (every router here comes from 127.0.0.1).
+
+Once the lab is up, N fresh keys are POSTed to v2 (chunked, Gluon's headers,
+``Connection: close``) with ``--concurrency`` requests in flight, and every
+gateway's WireGuard peers are read (``wg show dump``) every 0.25 s until each
+key answered 200 is a peer on the gateway the answer named. Prints one JSON
+object per server: requests/s over the HTTP phase, latency percentiles,
+statuses, the spread by gateway, and ``seconds_until_all_peers`` from the
+first request until the last key became a peer; then the kernel is counted
+(peer, /128 route and FDB entry) to cross-check. Everything it made is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.support.cluster_lab import ClusterLab, installed_keys  # noqa: E402
+from wgkex.lab.gateway import Gateway  # noqa: E402
+from wgkex.lab.lab import DOMAIN, Lab  # noqa: E402
+
+NO_RATE_LIMIT = {"rate_limit": 1_000_000, "rate_burst": 1_000_000}
+
+
+def herd_keys(count: int, seed: str) -> list[str]:
+    """``count`` distinct valid public keys."""
+    return [base64.b64encode(hashlib.sha256(f"{seed} {i}".encode()).digest()).decode() for i in range(count)]
+
+
+def request_bytes(port: int, key: str) -> bytes:
+    """A v2 request as Gluon's uclient-fetch sends it (chunked, form content type)."""
+    body = ('{"domain": "' + DOMAIN + '","public_key": "' + key + '"}').encode()
+    return (
+        f"POST /api/v2/wg/key/exchange HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: gluon/2023.2.3\r\n"
+        "X-Gluon-Version: v2023.2.3\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+async def register(port: int, key: str, answers: dict[str, tuple[str, str | None]], latencies: list[float]) -> None:
+    """One router: fresh connection, one request, read to EOF; records (status, gateway key)."""
+    start = time.perf_counter()
+    gateway = None
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_bytes(port, key))
+        reply = await reader.read()
+        writer.close()
+        status = reply[9:12].decode() if reply.startswith(b"HTTP/1.1 ") else "bad"
+        if status == "200":
+            gateway = json.loads(reply.split(b"\r\n\r\n", 1)[1])["Endpoint"]["PublicKey"]
+    except OSError as exc:
+        status = type(exc).__name__
+    latencies.append(time.perf_counter() - start)
+    answers[key] = (status, gateway)
+
+
+async def herd(ports: list[int], keys: list[str], concurrency: int) -> tuple[dict[str, tuple[str, str | None]], list[float]]:
+    answers: dict[str, tuple[str, str | None]] = {}
+    latencies: list[float] = []
+    work = iter(enumerate(keys))
+
+    async def router() -> None:
+        for i, key in work:
+            await register(ports[i % len(ports)], key, answers, latencies)
+
+    await asyncio.gather(*(router() for _ in range(concurrency)))
+    return answers, latencies
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
+
+
+def run_herd(name: str, ports: list[int], gateways: dict[str, Gateway], args: argparse.Namespace) -> dict[str, Any]:
+    """The herd against brokers on ``ports``; waits for the gateways; returns the figures."""
+    keys = herd_keys(args.routers, f"{name} {time.time()}")
+    by_key = {gw.public_key: n for n, gw in gateways.items()}
+    load_before = os.getloadavg()
+    first = time.monotonic()
+    answers, latencies = asyncio.run(herd(ports, keys, args.concurrency))
+    http_seconds = time.monotonic() - first
+    want: dict[str, set[str]] = {n: set() for n in gateways}
+    for key, (status, gw_key) in answers.items():
+        if status == "200" and gw_key is not None:
+            want[by_key.get(gw_key, "unknown")].add(key)
+    pending = {n: set(keys_) for n, keys_ in want.items() if n in gateways}
+    deadline = first + args.timeout
+    while any(pending.values()) and time.monotonic() < deadline:
+        for n in list(pending):
+            if pending[n]:
+                pending[n] -= set(gateways[n].peers())
+        if any(pending.values()):
+            time.sleep(0.25)
+    all_peers = time.monotonic() - first if not any(pending.values()) else None
+    installed = {n: len(want[n] & installed_keys(gateways[n])) for n in gateways}
+    return {
+        "server": name,
+        "routers": args.routers,
+        "gateways": len(gateways),
+        "brokers": len(ports),
+        "concurrency": args.concurrency,
+        "http_seconds": round(http_seconds, 2),
+        "requests_per_second": round(len(answers) / http_seconds, 1),
+        "latency_ms": {p: round(percentile(latencies, q) * 1000, 1) for p, q in (("p50", 50), ("p99", 99), ("max", 100))},
+        "statuses": dict(Counter(s for s, _ in answers.values())),
+        "spread": {n: len(k) for n, k in want.items()},
+        "seconds_until_all_peers": round(all_peers, 2) if all_peers is not None else None,
+        "not_peers_at_timeout": {n: len(p) for n, p in pending.items() if p},
+        "installed_peer_route_fdb": installed,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus {platform.release()}",
+    }
+
+
+def on_mosquitto(args: argparse.Namespace) -> dict[str, Any]:
+    lab = Lab.for_test(gateways={f"gw{i + 1}": 1 for i in range(args.gateways)}, keepalive=5,
+                       broker_settings=NO_RATE_LIMIT)
+    try:
+        lab.up(timeout=120)
+        return run_herd("mosquitto", [lab.broker_port], lab.gateways, args)
+    finally:
+        lab.down()
+
+
+def on_cluster(args: argparse.Namespace) -> dict[str, Any]:
+    lab = ClusterLab(gateways=[f"gw{i + 1}" for i in range(args.gateways)], brokers=2, nodes=args.nodes,
+                     metrics_interval=15.0)
+    try:
+        lab.up(timeout=600)
+        return run_herd(f"rabbitmq cluster of {args.nodes}", [b.port for b in lab.brokers], lab.gateways, args)
+    finally:
+        lab.down()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--routers", type=int, default=10_000)
+    parser.add_argument("--gateways", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--server", choices=("mosquitto", "cluster", "both"), default="both")
+    parser.add_argument("--nodes", type=int, default=3, help="RabbitMQ nodes (cluster)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the gateways")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/herd.py needs root (network namespaces)")
+    if args.server in ("mosquitto", "both"):
+        print(json.dumps(on_mosquitto(args)), flush=True)
+    if args.server in ("cluster", "both"):
+        print(json.dumps(on_cluster(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
