@@ -17,7 +17,7 @@ setup(
         "wgkex.lab",
         "twisted.plugins",
     ],
-    package_data={"wgkex.broker": ["templates/*"]},
+    package_data={"wgkex.broker": ["templates/*", "openapi.json"]},
     install_requires=[
         "twisted>=24.3",
         "klein>=23.12",
@@ -30,5 +30,12 @@ setup(
         # private key); already required through treq -> twisted[tls].
         "cryptography>=40",
     ],
-    extras_require={"test": ["hypothesis>=6.100", "mypy>=1.10", "mypy-zope>=1.0", "types-PyYAML"]},
+    extras_require={
+        "test": [
+            "hypothesis>=6.100", "mypy>=1.10", "mypy-zope>=1.0", "types-PyYAML",
+            # The OpenAPI document is checked by the reference validator of the spec (3.1
+            # meta-schema and semantic rules), and real replies against its schemas.
+            "openapi-spec-validator>=0.7", "jsonschema>=4.18",
+        ]
+    },
 )

@@ -55,7 +55,7 @@ def fresh_key(i: int) -> str:
 class BrokerProcess:
     """One ``twistd -n wgkex-broker`` with its own config file, port and log."""
 
-    def __init__(self, testcase: SynchronousTestCase, mqtt_port: int, extra: str = "") -> None:
+    def __init__(self, testcase: SynchronousTestCase, mqtt_port: int, extra: str = "", mqtt_extra: str = "") -> None:
         self.dir = tempfile.mkdtemp(prefix="wgkex-broker-")
         testcase.addCleanup(shutil.rmtree, self.dir, True)
         self.port = free_port()
@@ -67,7 +67,7 @@ class BrokerProcess:
                 workers:
                   gw-a: {{weight: 3}}
                   gw-b: {{weight: 1}}
-                mqtt: {{broker_url: 127.0.0.1, broker_port: {mqtt_port}, reconnect_max_delay: 1}}
+                mqtt: {{broker_url: 127.0.0.1, broker_port: {mqtt_port}, reconnect_max_delay: 1{mqtt_extra}}}
                 broker_listen: {{host: 127.0.0.1, port: {self.port}}}
                 """) + extra)
         self.log_path = os.path.join(self.dir, "broker.log")

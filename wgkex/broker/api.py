@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 from klein import Klein
@@ -41,6 +42,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
 from wgkex.broker import status as status_page
+from wgkex.broker.history import History
 from wgkex.broker.keylists import KeyLists
 from wgkex.broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from wgkex.broker.metrics import BrokerMetrics
@@ -63,12 +65,15 @@ _OK_BODY = b'{"Message": "OK"}'
 class Refused(Exception):
     """A request the API answers with an error; ``reason`` labels the metric."""
 
-    def __init__(self, code: int, message: str, reason: str, headers: dict[bytes, bytes] | None = None) -> None:
+    def __init__(self, code: int, message: str, reason: str, headers: dict[bytes, bytes] | None = None,
+                 domain: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.reason = reason
         self.headers = headers or {}
+        #: The configured domain the request named, where known (for the status page's history).
+        self.domain = domain
 
 
 def error_body(message: str) -> bytes:
@@ -144,6 +149,7 @@ class BrokerApi:
         limiter: RateLimiter,
         metrics: BrokerMetrics,
         clock: IReactorTime,
+        history: History | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -152,6 +158,8 @@ class BrokerApi:
         self.limiter = limiter
         self.metrics = metrics
         self.clock = clock
+        self.history = history if history is not None else History(config.domains, clock)
+        self._openapi: bytes | None = None
         self._domains = frozenset(config.domains)
         self._trusted = parse_networks(config.broker.trusted_proxies)
         self._max_body = config.broker.max_body_size
@@ -166,6 +174,7 @@ class BrokerApi:
         app.route(V2_PATH, methods=["POST"])(self.key_exchange_v2)
         app.route("/", methods=["GET"])(self.index)
         app.route("/api/v1/status", methods=["GET"])(self.status)
+        app.route("/api/openapi.json", methods=["GET"])(self.openapi)
         app.route("/metrics", methods=["GET"])(self.prometheus)
         app.route("/healthz", methods=["GET"])(self.healthz)
         app.route("/readyz", methods=["GET"])(self.readyz)
@@ -206,6 +215,7 @@ class BrokerApi:
     def key_exchange(self, request: IRequest, endpoint: str) -> bytes | Deferred[bytes]:
         start = self.clock.seconds()
         chosen: tuple[str, str] | None = None
+        domain: str | None = None
         try:
             domain, key = self._admit(request)
             reply = _OK_BODY
@@ -223,7 +233,9 @@ class BrokerApi:
         except Refused as refusal:
             if chosen is not None:
                 self.picture.unchoose(*chosen)
+            self.history.registration(domain or refusal.domain, refusal.reason)
             return self._refused(request, endpoint, refusal, start)
+        self.history.registration(domain)
         if chosen is not None:
             self.metrics.choices.labels(*chosen).inc()
         if acked is None:
@@ -242,6 +254,7 @@ class BrokerApi:
                           key=key, domain=domain, reason=_reason(failure))
             if chosen is not None:
                 self.picture.unchoose(*chosen)
+            self.history.registration(domain, "publish_failed")
             return self._refused(
                 request, endpoint, Refused(503, "the key could not be handed to the message bus; try again",
                                            "publish_failed"), start
@@ -268,7 +281,7 @@ class BrokerApi:
             raise Refused(400, f"domain {domain[:80]!r} is not configured on this broker", "bad_domain")
         refusal = self.lists.refusal(key)
         if refusal is not None:
-            raise Refused(403, refusal, "key_list")
+            raise Refused(403, refusal, "key_list", domain=domain)
         return domain, key
 
     def _publish(self, domain: str, key: str) -> Deferred[bytes] | None:
@@ -337,7 +350,9 @@ class BrokerApi:
 
     def _status(self) -> dict[str, Any]:
         bus = self.bus
-        return status_page.snapshot(self.picture, bus.connected, bus.reconnects, bus.pending, self.clock.seconds())
+        return status_page.snapshot(
+            self.picture, bus.connected, bus.reconnects, bus.pending, self.clock.seconds(), self.history
+        )
 
     def index(self, request: IRequest) -> bytes:
         """``GET /``: the HTML status page."""
@@ -346,6 +361,12 @@ class BrokerApi:
     def status(self, request: IRequest) -> bytes:
         """``GET /api/v1/status``: the status page's data as JSON."""
         return self._reply(request, "status", 200, json.dumps(self._status()).encode("utf-8"), None)
+
+    def openapi(self, request: IRequest) -> bytes:
+        """``GET /api/openapi.json``: the OpenAPI 3.1 description of this API (package data, read once)."""
+        if self._openapi is None:
+            self._openapi = resources.files("wgkex.broker").joinpath("openapi.json").read_bytes()
+        return self._reply(request, "other", 200, self._openapi, None)
 
     def prometheus(self, request: IRequest) -> bytes:
         """``GET /metrics``: Prometheus text exposition."""

@@ -33,11 +33,12 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from wgkex.broker.api import BrokerApi
+from wgkex.broker.history import AlsoTo, History
 from wgkex.broker.keylists import KeyLists, KeyListService
 from wgkex.broker.metrics import BrokerMetrics
 from wgkex.broker.ratelimit import RateLimiter
 from wgkex.broker.site import make_site
-from wgkex.broker.workers import WorkerPicture, WorkerTracker
+from wgkex.broker.workers import METRICS_TOPIC, WorkerPicture, WorkerTracker
 from wgkex.config import Config
 from wgkex.logs import LoggingService
 from wgkex.sigterm import CleanSigterm
@@ -113,10 +114,12 @@ class BrokerService(MultiService):
         self.picture = WorkerPicture(config.domains, config.weight, clock)
         self.metrics = BrokerMetrics(self.picture, lambda: self.mqtt)
         self.tracker = WorkerTracker(self.picture, clock, on_invalid=self._count_invalid)
-        self.tracker.subscribe(self.mqtt)
+        self.history = History(config.domains, clock)
+        self.tracker.subscribe(AlsoTo(self.mqtt, METRICS_TOPIC, self.history.on_metric))
         self.lists = KeyLists(b.key_blocklist, b.key_allowlist)
         self.limiter = RateLimiter(b.rate_limit, b.rate_burst, clock)
-        self.api = BrokerApi(config, self.mqtt, self.picture, self.lists, self.limiter, self.metrics, clock)
+        self.api = BrokerApi(config, self.mqtt, self.picture, self.lists, self.limiter, self.metrics, clock,
+                             self.history)
         self.site = make_site(self.api.resource(), b.max_body_size, reactor, on_too_large=self._too_large)
         self.http = HttpListener(reactor, with_backlog(b.listen, b.backlog), self.site)
 
@@ -134,6 +137,8 @@ class BrokerService(MultiService):
         route = path.split(b"?", 1)[0]
         endpoint = {b"/api/v1/wg/key/exchange": "v1", b"/api/v2/wg/key/exchange": "v2"}.get(route, "other")
         self.metrics.refused.labels("too_large").inc()
+        if endpoint != "other":
+            self.history.registration(None, "too_large")
         self.metrics.observe(endpoint, 413, None)
 
     def startService(self) -> None:
