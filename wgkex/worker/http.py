@@ -11,8 +11,10 @@
   every interface check: it binds when the address appears, re-binds when the
   interface is recreated (new index) and retries a failed bind on the next
   check.
-* **Status** (:func:`status_site`): ``/metrics`` (Prometheus text) and
-  ``/healthz`` on ``worker_listen``, served by :class:`StatusListener`. They
+* **Status** (:func:`status_site`): ``/metrics`` (Prometheus text),
+  ``/healthz`` and ``/api/v1/status`` (what the worker holds per domain, see
+  :mod:`wgkex.worker.status`) on ``worker_listen``, served by
+  :class:`StatusListener`. They
   are a side job: when the address is taken (9101 is also the HAProxy
   exporter's port) or missing, the worker logs it, goes on installing keys
   and tries again every :data:`STATUS_RETRY_INTERVAL` seconds.
@@ -99,11 +101,33 @@ class _Health(Resource):
         return json.dumps({"status": "ok", **self._details()}).encode()
 
 
-def status_site(metrics: WorkerMetrics, details: Callable[[], Mapping[str, object]]) -> Site:
-    """``/metrics`` and ``/healthz`` (200 while the process serves, with a few details)."""
+class _Status(Resource):
+    isLeaf = True
+
+    def __init__(self, status: Callable[[], Mapping[str, object]]) -> None:
+        super().__init__()
+        self._status = status
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self._status()).encode()
+
+
+def status_site(
+    metrics: WorkerMetrics,
+    details: Callable[[], Mapping[str, object]],
+    status: Callable[[], Mapping[str, object]] | None = None,
+) -> Site:
+    """``/metrics``, ``/healthz`` (200 while the process serves, with a few details) and ``/api/v1/status``."""
     root = Resource()
     root.putChild(b"metrics", _Metrics(metrics))
     root.putChild(b"healthz", _Health(details))
+    if status is not None:
+        api = Resource()
+        v1 = Resource()
+        api.putChild(b"v1", v1)
+        v1.putChild(b"status", _Status(status))
+        root.putChild(b"api", api)
     return QuietSite(root)
 
 

@@ -87,6 +87,19 @@ class DomainResult:
 
 
 @dataclass(frozen=True)
+class LastBatch:
+    """One domain's part of the last batch applied (for the worker's ``/api/v1/status``)."""
+
+    keys: int
+    applied: int
+    failed: int
+    #: Seconds the whole batch took in the pool.
+    seconds: float
+    #: Clock time it finished.
+    at: float
+
+
+@dataclass(frozen=True)
 class Invalid:
     """A bus message refused before it reaches the kernel."""
 
@@ -286,6 +299,8 @@ class KeyApplier:
         self._kicking = False
         self._accepting = True
         self._idle_waiters: list[Deferred[None]] = []
+        #: domain -> its part of the last batch that had keys of it
+        self.last_batch: dict[str, LastBatch] = {}
 
     # -- input ------------------------------------------------------------------------------------
 
@@ -356,6 +371,13 @@ class KeyApplier:
     def pending(self) -> int:
         return len(self._pending)
 
+    def pending_by_domain(self) -> dict[str, int]:
+        """Keys waiting for the next batch, per domain."""
+        counts = dict.fromkeys(sorted(self._domains), 0)
+        for domain, _ in self._pending:
+            counts[domain] += 1
+        return counts
+
     def failed_keys(self, domain: str) -> frozenset[str]:
         """Keys of ``domain`` whose last attempt failed (waiting for a retry)."""
         return frozenset(self._failed[domain])
@@ -412,8 +434,12 @@ class KeyApplier:
 
     def _batch_done(self, results: dict[str, DomainResult], size: int, started: float) -> None:
         self._metrics.batch_size.observe(size)
-        self._metrics.apply_seconds.observe(self._monotonic() - started)
+        seconds = self._monotonic() - started
+        self._metrics.apply_seconds.observe(seconds)
+        now = self._clock.seconds()
         for domain, result in results.items():
+            applied, failed = len(result.applied), len(result.failed)
+            self.last_batch[domain] = LastBatch(applied + failed, applied, failed, seconds, now)
             failed_set = self._failed[domain]
             if result.applied:
                 self._metrics.keys_applied.labels(domain=domain).inc(len(result.applied))

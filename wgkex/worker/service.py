@@ -48,6 +48,7 @@ from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.peers import KeyApplier
 from wgkex.worker.pool import Pool
 from wgkex.worker.report import Reporter
+from wgkex.worker.status import worker_status
 from wgkex.worker.sweep import Sweeper
 from wgkex.worker.watch import InterfaceState, InterfaceWatch, if_index
 
@@ -195,6 +196,11 @@ class WorkerService(Service):
         if old is not None and self._bus.connected and (recreated or old.link_address != new.link_address):
             self.reporter.publish_data([domain])
 
+    def status(self) -> Mapping[str, object]:
+        """What ``/api/v1/status`` shows (see :mod:`wgkex.worker.status`)."""
+        return worker_status(self.config, self.watch.states, self.applier, self.sweeper, self.metrics,
+                             self._bus.connected, self._clock.seconds())
+
     def health(self) -> Mapping[str, object]:
         """Details for /healthz."""
         return {"mqtt_connected": self._bus.connected, "pending_keys": self.applier.pending}
@@ -257,6 +263,6 @@ def build_worker(
     worker = WorkerService(config, reactor, bus, pool, **kwargs)
     status = None
     if config.worker.listen is not None:
-        status = StatusListener(reactor, config.worker.listen, status_site(worker.metrics, worker.health))
+        status = StatusListener(reactor, config.worker.listen, status_site(worker.metrics, worker.health, worker.status))
         status.setName("status-http")
     return WorkerRoot(pool, worker, bus, status, support)  # type: ignore[arg-type]

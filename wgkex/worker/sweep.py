@@ -159,6 +159,8 @@ class Sweeper:
         self._clock = clock
         self._monotonic = monotonic
         self._running: Deferred[dict[str, DomainSweep]] | None = None
+        #: The last sweep that finished: (clock time it started, seconds, outcome per domain).
+        self.last_sweep: tuple[float, float, dict[str, DomainSweep]] | None = None
 
     def seed(self) -> Deferred[None]:
         """Remember every peer already on the interfaces as first seen now."""
@@ -201,6 +203,7 @@ class Sweeper:
 
     def _done(self, results: dict[str, DomainSweep], now: float, started: float) -> dict[str, DomainSweep]:
         self._metrics.sweep_seconds.observe(self._monotonic() - started)
+        self.last_sweep = (now, self._monotonic() - started, results)
         self._known.sweep_done(
             {d: r.removed for d, r in results.items()}, {d: r.unseen for d, r in results.items()}, now
         )
