@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := mosquitto wireguard-go wireguard-tools iproute2 iputils-ping procps
 TRIAL_JOBS ?= 2
 
-.PHONY: all deps venv test unit demo lab-up lab-down lab-status bench typecheck clean
+.PHONY: all deps venv test test-tools browser unit demo lab-up lab-down lab-status bench typecheck clean
 
 all: test
 
@@ -33,9 +33,31 @@ $(VENV)/.installed: setup.py $(BIN)/python
 
 venv: $(VENV)/.installed
 
-test: deps venv
+test: deps venv test-tools
 	$(BIN)/mypy wgkex
 	$(BIN)/trial --jobs=$(TRIAL_JOBS) tests
+
+# Tools only tests need: Debian's chromium (the status page's browser test) and promtool
+# (the alert rules), taken from Debian's prometheus package without installing the server.
+# Where they cannot be had, the tests that need them skip and say why.
+PROMTOOL := .cache/promtool/promtool
+
+test-tools: browser $(PROMTOOL)
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	    echo "chromium is missing and this is not root: the browser test will skip"; exit 0; fi; \
+	  echo "installing Debian's chromium for the browser test"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	      --no-install-recommends chromium >/dev/null; } || echo "chromium could not be installed: the browser test will skip"; }
+
+$(PROMTOOL):
+	@mkdir -p $(dir $@) && cd $(dir $@) && rm -f prometheus_*.deb && \
+	{ apt-get download -qq prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get download -qq prometheus >/dev/null 2>&1; }; } && \
+	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > promtool.part && \
+	chmod +x promtool.part && mv promtool.part promtool && rm -f prometheus_*.deb && echo "promtool extracted to $@" \
+	|| { rm -f promtool.part prometheus_*.deb; echo "promtool could not be fetched (apt-get download prometheus): the rules tests will skip"; }
 
 unit: venv
 	$(BIN)/trial tests.unit
@@ -60,4 +82,4 @@ typecheck: venv
 	$(BIN)/mypy wgkex
 
 clean:
-	rm -rf $(VENV) build *.egg-info _trial_temp* twisted/plugins/dropin.cache
+	rm -rf $(VENV) build *.egg-info _trial_temp* twisted/plugins/dropin.cache .cache

@@ -109,7 +109,7 @@ def render_html(status: dict[str, Any]) -> bytes:
     ]
     history = status.get("history")
     for domain, info in status["domains"].items():
-        parts.append(f"<h2>Domain {esc(domain)}</h2>")
+        parts.append(f'<section class="domain" data-domain="{esc(domain)}"><h2>Domain {esc(domain)}</h2>')
         if info["next"] is None:
             parts.append('<p class="bad">No worker online for this domain: v2 answers 503.</p>')
         else:
@@ -117,7 +117,7 @@ def render_html(status: dict[str, Any]) -> bytes:
         charts_html = _domain_charts(history["domains"].get(domain), info["workers"]) if history else ""
         if not info["workers"]:
             parts.append('<p class="muted">No worker has reported for this domain.</p>')
-            parts.append(charts_html)
+            parts.append(charts_html + "</section>")
             continue
         parts.append(
             "<div class=\"wrap\"><table><tr><th>worker</th><th>online</th><th>peers</th><th>weight</th>"
@@ -141,10 +141,10 @@ def render_html(status: dict[str, Any]) -> bytes:
                 f"<td>{'&#10003;' if row['next'] else ''}</td></tr>"
             )
         parts.append("</table></div>")
-        parts.append(charts_html)
+        parts.append(charts_html + "</section>")
     if history is not None and any(m["ok"] or m["refused"] for m in history["no_domain"]):
-        parts.append("<h2>Requests without a configured domain</h2>")
-        parts.append(_registrations(history["no_domain"]))
+        parts.append('<section class="no-domain"><h2>Requests without a configured domain</h2>')
+        parts.append(_registrations(history["no_domain"]) + "</section>")
     parts.append(f'<p class="muted">Refreshes every {REFRESH_SECONDS} s. JSON: <a href="/api/v1/status">'
                  "/api/v1/status</a>, metrics: <a href=\"/metrics\">/metrics</a></p></body></html>")
     return "\n".join(parts).encode("utf-8")
