@@ -34,12 +34,17 @@ OUTCOME_COLORS = {
     "too_large": "#999999",
 }
 
-_W, _H = 600, 170
-_LEFT, _RIGHT, _TOP, _BOTTOM = 46, 8, 8, 22
+_W, _H = 500, 170
+_LEFT, _RIGHT, _TOP, _BOTTOM = 40, 8, 8, 22
 _PLOT_W = _W - _LEFT - _RIGHT
 _PLOT_H = _H - _TOP - _BOTTOM
 
 esc = html.escape
+
+
+def outcome_css() -> str:
+    """The fill of each outcome's bars, once for the page (not repeated on every bar)."""
+    return "".join(f"svg rect.{name}{{fill:{color}}}" for name, color in OUTCOME_COLORS.items())
 
 
 def nice_ceiling(value: float) -> int:
@@ -67,7 +72,7 @@ def _frame(kind: str, label: str, ymax: int, starts: Sequence[int], body: list[s
         text = f"{value:g}"
         parts.append(
             f'<line x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd" stroke-width="1"/>'
-            f'<text x="{_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#555">{text}</text>'
+            f'<text x="{_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="12" fill="#555">{text}</text>'
         )
     if starts:
         ticks = ((0, "start", _clock(starts[0]) + " UTC"), (len(starts) // 2, "middle", _clock(starts[len(starts) // 2])),
@@ -75,7 +80,7 @@ def _frame(kind: str, label: str, ymax: int, starts: Sequence[int], body: list[s
         for index, anchor, text in ticks:
             x = _LEFT + (index + 0.5) * _PLOT_W / len(starts)
             parts.append(
-                f'<text x="{x:.1f}" y="{_H - 6}" text-anchor="{anchor}" font-size="11" fill="#555">{esc(text)}</text>'
+                f'<text x="{x:.1f}" y="{_H - 6}" text-anchor="{anchor}" font-size="12" fill="#555">{esc(text)}</text>'
             )
     parts.extend(body)
     parts.append("</svg>")
@@ -87,6 +92,7 @@ def registrations_chart(minutes: Sequence[Mapping[str, Any]]) -> str:
     totals = [m["ok"] + sum(m["refused"].values()) for m in minutes]
     ymax = nice_ceiling(max(totals, default=0))
     width = _PLOT_W / max(len(minutes), 1)
+    bar_width = f"{max(width - 1, 0.5):.1f}"
     body = []
     for i, (minute, total) in enumerate(zip(minutes, totals)):
         refused = minute["refused"]
@@ -105,8 +111,8 @@ def registrations_chart(minutes: Sequence[Mapping[str, Any]]) -> str:
             h = count / ymax * _PLOT_H
             y -= h
             body.append(
-                f'<rect class="{outcome}" x="{x + 0.5:.2f}" y="{y:.2f}" width="{max(width - 1, 0.5):.2f}" '
-                f'height="{h:.2f}" fill="{OUTCOME_COLORS.get(outcome, "#999")}" data-count="{int(count)}"/>'
+                f'<rect class="{outcome}" x="{x + 0.5:.1f}" y="{y:.1f}" width="{bar_width}" '
+                f'height="{h:.1f}" data-count="{int(count)}"/>'
             )
         body.append("</g>")
     return _frame("registrations", "key exchange requests per minute, last hour", ymax,
@@ -153,9 +159,9 @@ def peers_chart(series: Mapping[str, Sequence[Mapping[str, int]]], starts: Seque
 def share_chart(rows: Sequence[Mapping[str, Any]], colors: Mapping[str, str]) -> str:
     """Per eligible gateway: its share of the peers (bar) against its target share (black mark)."""
     shown = [r for r in rows if r["target_share"] is not None]
-    bar, gap, label_w = 18, 8, 130
-    height = max(len(shown), 1) * (bar + gap) + 20
-    plot_w = _W - label_w - 60
+    bar, gap, label_w = 18, 8, 110
+    height = max(len(shown), 1) * (bar + gap) + 6
+    plot_w = _W - label_w - 90
     parts = [
         f'<svg class="chart shares" viewBox="0 0 {_W} {height}" role="img" '
         'aria-label="share of peers against target share" xmlns="http://www.w3.org/2000/svg">',

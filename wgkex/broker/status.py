@@ -77,7 +77,7 @@ th{background:#eee}td.n{text-align:right}
 .ok{color:#070}.bad{color:#b00}.next{background:#e6f4e6;font-weight:bold}
 .muted{color:#777}
 .wrap{overflow-x:auto}
-svg.chart{display:block;width:100%;max-width:50em;height:auto;background:#fff;border:1px solid #ddd;margin:.3em 0}
+svg.chart{display:block;width:100%;max-width:40em;height:auto;background:#fff;border:1px solid #ddd;margin:.3em 0}
 h3{font-size:.95em;margin:1em 0 .2em}
 .legend{font-size:.85em;margin:.2em 0}.sw{display:inline-block;width:.8em;height:.8em;margin:0 .3em 0 .6em}
 @media (max-width:40em){body{margin:.6em}table{min-width:0;font-size:.85em}th,td{padding:.2em .3em}}
@@ -87,7 +87,8 @@ h3{font-size:.95em;margin:1em 0 .2em}
 def _when(seconds_ago: float | None, at: float | None) -> str:
     if seconds_ago is None or at is None:
         return '<span class="muted">never</span>'
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+    # The date only when it is not today's: the column stays narrow on a phone.
+    stamp = time.strftime("%H:%M:%S UTC" if seconds_ago < 12 * 3600 else "%Y-%m-%d %H:%M UTC", time.gmtime(at))
     return f'{html.escape(stamp)} <span class="muted">({seconds_ago:.0f} s ago)</span>'
 
 
@@ -103,7 +104,7 @@ def render_html(status: dict[str, Any]) -> bytes:
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>wgkex broker</title><style>{_CSS}</style></head><body>",
+        f"<title>wgkex broker</title><style>{_CSS}{charts.outcome_css()}</style></head><body>",
         "<h1>wgkex broker</h1>",
         f"<p>MQTT: {state}; reconnects: {int(mqtt['reconnects'])}; keys pending: {int(mqtt['pending'])}</p>",
     ]
