@@ -131,7 +131,7 @@ def parse_body(body: bytes, max_body: int) -> tuple[str, str]:
     key: str = data["public_key"]
     problem = key_problem(key)
     if problem is not None:
-        raise Refused(400, problem, "bad_key")
+        raise Refused(400, problem, "bad_key", domain=domain)
     return domain, key
 
 
