@@ -19,35 +19,17 @@ import json
 import sys
 import time
 import tracemalloc
-from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
 from twisted.internet.task import Clock  # noqa: E402
 
+from tests.support.memory import deep_size  # noqa: E402
 from wgkex.broker.history import REASONS, History  # noqa: E402
 from wgkex.broker.status import render_html, snapshot  # noqa: E402
 from wgkex.broker.workers import WorkerPicture  # noqa: E402
 
 GW_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
-
-
-def deep_size(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes held by ``obj`` and everything it references."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    size = sys.getsizeof(obj)
-    if isinstance(obj, dict):
-        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple, set)):
-        size += sum(deep_size(x, seen) for x in obj)
-    elif hasattr(obj, "__slots__"):
-        size += sum(deep_size(getattr(obj, s), seen) for s in obj.__slots__ if hasattr(obj, s))
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        size += deep_size({k: v for k, v in vars(obj).items() if k != "_clock"}, seen)
-    return size
 
 
 def main() -> None:

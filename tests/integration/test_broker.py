@@ -78,7 +78,7 @@ class BrokerProcess:
         )
         log.close()
         testcase.addCleanup(self.kill)
-        wait_for(self._serving, 15, what=f"broker on port {self.port}")
+        wait_for(self._serving, 60, what=f"broker on port {self.port}")  # generous: a loaded CI machine starts Python slowly
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -114,14 +114,16 @@ class BrokerProcess:
         finally:
             conn.close()
 
-    def post(self, path: str, body: bytes, chunked: bool = True) -> tuple[int, dict[str, str], bytes]:
-        """POST like Gluon's uclient-fetch: form content type, Gluon headers, chunked body."""
+    def post(self, path: str, body: bytes, chunked: bool = True,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """POST like Gluon's uclient-fetch: form content type, Gluon headers (plus ``headers``), chunked body."""
         conn = self.connection()
+        sent = {**GLUON_HEADERS, **(headers or {})}
         try:
             if chunked:
-                conn.request("POST", path, body=iter([body]), headers=GLUON_HEADERS, encode_chunked=True)
+                conn.request("POST", path, body=iter([body]), headers=sent, encode_chunked=True)
             else:
-                conn.request("POST", path, body=body, headers=GLUON_HEADERS)
+                conn.request("POST", path, body=body, headers=sent)
             r = conn.getresponse()
             return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
         finally:

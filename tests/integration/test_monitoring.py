@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.test_broker import BrokerProcess
 from tests.support.mosquitto import free_port, wait_for
+from wgkex.lab.proc import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RULES = os.path.join(ROOT, "contrib", "prometheus", "wgkex-alerts.yml")
@@ -147,25 +148,13 @@ class ExportedTests(SynchronousTestCase):
                 f"wireguard_backend: uapi\nuapi_socket_dir: {scratch}\nworker_listen: 127.0.0.1:{port}\n"
                 f"mqtt: {{broker_url: 127.0.0.1, broker_port: {free_port()}}}\n"
             )
-        with open(os.path.join(scratch, "worker.log"), "wb") as log:
-            proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "wgkex-worker", "--config", config],
-                                    cwd=scratch, stdout=log, stderr=subprocess.STDOUT)
-
-        def stop() -> None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-
-        self.addCleanup(stop)
+        proc = spawn("wgkex-worker", [TWISTD, "-n", "--pidfile=", "wgkex-worker", "--config", config],
+                     os.path.join(scratch, "worker.log"))
+        self.addCleanup(proc.stop, 15.0)
 
         def scrape() -> str | None:
-            if proc.poll() is not None:
-                with open(os.path.join(scratch, "worker.log"), errors="replace") as f:
-                    raise AssertionError(f"worker exited with {proc.returncode}: {f.read()[-3000:]}")
+            if not proc.alive:
+                raise AssertionError(f"worker exited with {proc.exit_status()}: {proc.log_tail(40)}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                     text: str = r.read().decode()

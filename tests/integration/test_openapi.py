@@ -88,35 +88,26 @@ class LiveResponseTests(SynchronousTestCase):
         wait_for(lambda: self.up.status()["domains"]["ffmuc_welt"]["next"] == "gw-a", 10, what="gw-a known")
         self._addresses = (f"192.0.2.{i}" for i in itertools.count(1))
 
-    def gluon(self, port: int, path: str, body: bytes, address: str | None = None, chunked: bool = True) -> Reply:
-        headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "gluon/2023.2.3",
-                   "X-Forwarded-For": address or next(self._addresses)}
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            if chunked:
-                conn.request("POST", path, body=iter([body]), headers=headers, encode_chunked=True)
-            else:
-                conn.request("POST", path, body=body, headers=headers)
-            r = conn.getresponse()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-        finally:
-            conn.close()
+    def gluon(self, broker: BrokerProcess, path: str, body: bytes, address: str | None = None,
+              chunked: bool = True) -> Reply:
+        """Gluon's POST through the trusted proxy, from ``address`` (else an address of its own)."""
+        return broker.post(path, body, chunked, {"X-Forwarded-For": address or next(self._addresses)})
 
     def recipes(self) -> dict[tuple[str, str, str], Callable[[], Reply]]:
-        up = self.up.port
+        up = self.up
         down: list[BrokerProcess] = []
 
-        def down_port() -> int:
+        def down_broker() -> BrokerProcess:
             # A broker whose MQTT server is not there, with room for one queued key.
             if not down:
                 down.append(BrokerProcess(self, free_port(), mqtt_extra=", queue_limit: 1"))
-            return down[0].port
+            return down[0]
 
         def queue_full(version: str) -> Callable[[], Reply]:
             def run() -> Reply:
-                port = down_port()
-                self.gluon(port, f"/api/{version}/wg/key/exchange", v1_body(fresh_key(1)))
-                return self.gluon(port, f"/api/{version}/wg/key/exchange", v1_body(fresh_key(2)))
+                broker = down_broker()
+                self.gluon(broker, f"/api/{version}/wg/key/exchange", v1_body(fresh_key(1)))
+                return self.gluon(broker, f"/api/{version}/wg/key/exchange", v1_body(fresh_key(2)))
             return run
 
         def rate_limited(version: str) -> Callable[[], Reply]:
@@ -137,14 +128,14 @@ class LiveResponseTests(SynchronousTestCase):
             recipes[(path, "post", "403")] = lambda path=path: self.gluon(up, path, v1_body(KEY2))
             recipes[(path, "post", "413")] = too_large(version)
             recipes[(path, "post", "429")] = rate_limited(version)
-            recipes[(path, "get", "405")] = lambda path=path: request(up, "GET", path)
+            recipes[(path, "get", "405")] = lambda path=path: request(up.port, "GET", path)
         recipes[("/api/v1/wg/key/exchange", "post", "503")] = queue_full("v1")
         recipes[("/api/v2/wg/key/exchange", "post", "503")] = lambda: self.gluon(
             up, "/api/v2/wg/key/exchange", v1_body(domain="ffmuc_muc"))
         for path in ("/", "/api/v1/status", "/api/openapi.json", "/metrics", "/healthz", "/readyz"):
-            recipes[(path, "get", "200")] = lambda path=path: request(up, "GET", path)
-        recipes[("/readyz", "get", "503")] = lambda: request(down_port(), "GET", "/readyz")
-        recipes[("/{path}", "get", "404")] = lambda: request(up, "GET", "/nothing-here")
+            recipes[(path, "get", "200")] = lambda path=path: request(up.port, "GET", path)
+        recipes[("/readyz", "get", "503")] = lambda: request(down_broker().port, "GET", "/readyz")
+        recipes[("/{path}", "get", "404")] = lambda: request(up.port, "GET", "/nothing-here")
         return recipes
 
     def test_every_documented_status_is_true(self) -> None:

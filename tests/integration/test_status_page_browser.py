@@ -104,7 +104,7 @@ class StatusPageBrowserTests(SynchronousTestCase):
         scratch = tempfile.mkdtemp(prefix="wgkex-shot-")
         self.addCleanup(shutil.rmtree, scratch, True)
         shot = os.path.join(scratch, "status.png")
-        screenshot(f"http://127.0.0.1:{broker.port}/", shot, 1000, 1700)
+        screenshot(f"http://127.0.0.1:{broker.port}/", shot, 1000, 1850)
         with open(shot, "rb") as f:
             png = f.read()
         self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")

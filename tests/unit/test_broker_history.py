@@ -4,38 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_broker_api import V1, V2, ApiCase, body
-from tests.unit.test_broker_fakes import KEY, endpoint_data
+from tests.support.memory import deep_size
+from tests.unit.test_broker_fakes import endpoint_data
 from wgkex.broker.charts import nice_ceiling
 from wgkex.broker.history import MINUTES, AlsoTo, History
 from wgkex.broker.status import render_html, snapshot
 from wgkex.broker.workers import WorkerPicture
 
 T0 = 1_700_000_040  # the start of a minute
-
-
-def deep_size(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes held by ``obj`` and everything it references (ints and strings included)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    size = sys.getsizeof(obj)
-    if isinstance(obj, dict):
-        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple, set)):
-        size += sum(deep_size(x, seen) for x in obj)
-    elif hasattr(obj, "__slots__"):
-        size += sum(deep_size(getattr(obj, s), seen) for s in obj.__slots__ if hasattr(obj, s))
-    elif hasattr(obj, "__dict__"):
-        size += deep_size(vars(obj), seen)
-    return size
 
 
 class HistoryTests(SynchronousTestCase):

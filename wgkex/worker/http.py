@@ -89,28 +89,18 @@ class _Metrics(Resource):
         return self._metrics.render()
 
 
-class _Health(Resource):
+class _Json(Resource):
+    """A JSON document made fresh for each GET."""
+
     isLeaf = True
 
-    def __init__(self, details: Callable[[], Mapping[str, object]]) -> None:
+    def __init__(self, document: Callable[[], Mapping[str, object]]) -> None:
         super().__init__()
-        self._details = details
+        self._document = document
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"status": "ok", **self._details()}).encode()
-
-
-class _Status(Resource):
-    isLeaf = True
-
-    def __init__(self, status: Callable[[], Mapping[str, object]]) -> None:
-        super().__init__()
-        self._status = status
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self._status()).encode()
+        return json.dumps(self._document()).encode()
 
 
 def status_site(
@@ -121,12 +111,12 @@ def status_site(
     """``/metrics``, ``/healthz`` (200 while the process serves, with a few details) and ``/api/v1/status``."""
     root = Resource()
     root.putChild(b"metrics", _Metrics(metrics))
-    root.putChild(b"healthz", _Health(details))
+    root.putChild(b"healthz", _Json(lambda: {"status": "ok", **details()}))
     if status is not None:
         api = Resource()
         v1 = Resource()
         api.putChild(b"v1", v1)
-        v1.putChild(b"status", _Status(status))
+        v1.putChild(b"status", _Json(status))
         root.putChild(b"api", api)
     return QuietSite(root)
 
