@@ -187,14 +187,25 @@ class _Reader:
         value = self.data[name]
         converted = check(value)
         if converted is None:
-            raise self.fail(name, f"must be {kind}, got {_describe(value)}")
+            raise self.fail(name, f"must be {kind}, got {_describe(value, secret=is_secret(name))}")
         return converted
 
     def string(self, name: str, default: str) -> str:
-        return self.get(name, "a string", _as_str, default)
+        return self._string(name, default)
 
     def opt_string(self, name: str) -> str | None:
-        return self.get(name, "a string", _as_str, None)
+        return self._string(name, None)
+
+    def _string(self, name: str, default: T) -> str | T:
+        """A string setting; anything else YAML made of the text is refused (see :data:`QUOTE_HINT`)."""
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            if isinstance(value, (bool, int, float)):
+                raise self.fail(name, f"must be a string, got {_describe(value, secret=is_secret(name))}; {QUOTE_HINT}")
+            raise self.fail(name, f"must be a string, got {_describe(value, secret=is_secret(name))}")
+        return value
 
     def boolean(self, name: str, default: bool) -> bool:
         return self.get(name, "true or false", _as_bool, default)
@@ -229,19 +240,30 @@ class _Reader:
         return tuple(value)
 
 
-def _describe(value: object) -> str:
+#: The fix for a string setting that YAML read as a number or boolean (PyYAML is YAML 1.1).
+QUOTE_HINT = (
+    "quote the value in the file, e.g. \"0123\" (unquoted, YAML reads 0123, 1_000, 12:30"
+    " as numbers and yes/no/on/off as booleans)"
+)
+
+#: Words in a setting's name that mark its value as secret: errors name its type, never its value.
+_SECRET_WORDS = ("password", "secret", "token")
+
+
+def is_secret(name: str) -> bool:
+    """True when the setting ``name`` holds a secret whose value must never be printed."""
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def _describe(value: object, secret: bool = False) -> str:
+    """``value``'s type and (unless ``secret``) a short repr of it, for error lines."""
+    if secret:
+        return f"a value of type {type(value).__name__} (not shown: it is secret)"
     text = repr(value)
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{type(value).__name__} {text}"
-
-
-def _as_str(value: object) -> str | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (str, int, float)):
-        return str(value)
-    return None
 
 
 def _as_bool(value: object) -> bool | None:

@@ -263,3 +263,66 @@ class PathTests(SynchronousTestCase):
         self.assertEqual(config_path("/a.yaml", {"WGKEX_CONFIG_FILE": "/b.yaml"}), "/a.yaml")
         self.assertEqual(config_path(None, {"WGKEX_CONFIG_FILE": "/b.yaml"}), "/b.yaml")
         self.assertEqual(config_path(None, {}), DEFAULT_PATH)
+
+
+class SecretTests(SynchronousTestCase):
+    def test_password_value_never_printed(self) -> None:
+        """A password of the wrong type is reported by key and type; its value appears nowhere in the line."""
+        for value in (["hunter2"], {"hunter2": 1}, 20240101.5):
+            exc = self.assertRaises(ConfigError, parse_config, {**MINIMAL, "mqtt": {"password": value}}, "/etc/w.yaml")
+            text = str(exc)
+            self.assertIn("/etc/w.yaml: mqtt.password: must be a string", text)
+            self.assertIn(type(value).__name__, text)
+            self.assertNotIn("hunter2", text)
+            self.assertNotIn("20240101", text)
+
+    def test_secret_names(self) -> None:
+        """password, secret and token settings count as secret; user names and hosts do not."""
+        from wgkex.config import is_secret
+
+        self.assertEqual([is_secret(n) for n in ("password", "api_token", "client_secret", "username", "broker_url")],
+                         [True, True, True, False, False])
+
+
+class YamlQuotingTests(SynchronousTestCase):
+    def load(self, text: str) -> str:
+        path = self.mktemp()
+        FilePath(path).setContent(("domains: [ffmuc_welt]\ndomain_prefixes: [ffmuc_]\n" + text).encode())
+        exc = self.assertRaises(ConfigError, load_config, path)
+        line = str(exc)
+        self.assertNotIn("\n", line)
+        self.assertIn(path, line)
+        return line
+
+    def test_unquoted_numbers_refused_for_strings(self) -> None:
+        """YAML 1.1 numbers (octal 0123, 1_000, sexagesimal 12:30) in string settings are refused with a hint to quote."""
+        cases = {
+            "mqtt:\n  password: 0123\n": "mqtt.password",
+            "mqtt:\n  username: 1_000\n": "mqtt.username",
+            "worker_name: 12:30\n": "worker_name",
+            "externalName: 1234\n": "externalName",
+            "mqtt:\n  client_id: 0x1f\n": "mqtt.client_id",
+            "mqtt:\n  broker_url: 10\n": "mqtt.broker_url",
+        }
+        for text, key in cases.items():
+            line = self.load(text)
+            self.assertIn(f"{key}: must be a string", line)
+            self.assertIn("quote the value", line)
+
+    def test_password_hint_without_value(self) -> None:
+        """The quoting hint for a password does not reveal what YAML made of it (83 from 0123)."""
+        line = self.load("mqtt:\n  password: 0123\n")
+        self.assertNotIn("83", line)
+
+    def test_booleans_refused_for_strings(self) -> None:
+        """yes/no/on/off become booleans in YAML 1.1; a string setting refuses them with the same hint."""
+        line = self.load("worker_name: yes\n")
+        self.assertIn("worker_name: must be a string, got bool True; quote the value", line)
+
+    def test_quoted_values_kept_exactly(self) -> None:
+        """Quoted, the same texts load unchanged."""
+        path = self.mktemp()
+        FilePath(path).setContent(b'domains: [ffmuc_welt]\ndomain_prefixes: [ffmuc_]\n'
+                                  b'mqtt: {password: "0123", username: "1_000"}\nworker_name: "12:30"\n')
+        c = load_config(path)
+        self.assertEqual((c.mqtt.password, c.mqtt.username, c.worker.name), ("0123", "1_000", "12:30"))
