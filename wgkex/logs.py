@@ -10,6 +10,10 @@ mapping) says where their lines go instead.
 ``log_level`` filters both: stdlib records below it are dropped at the root
 logger, and Twisted events below it are dropped by a filter placed in front of
 the observers twistd installed.
+
+A ``logging_config`` that ``dictConfig`` refuses (``version: 99``, a handler
+class that does not exist) stops the daemon at start with the one-line
+configuration error (:mod:`wgkex.startup`), like any other bad setting.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 import logging.config
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from twisted.application.service import Service
 from twisted.logger import (
@@ -33,6 +37,9 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from zope.interface import implementer
+
+from wgkex.config import ConfigError
+from wgkex.startup import exit_at_start
 
 _TWISTED_LEVELS: dict[str, LogLevel] = {
     "debug": LogLevel.debug,
@@ -110,8 +117,12 @@ class LoggingService(Service):
         logging_config: Mapping[str, Any] | None,
         publisher: LogPublisher = globalLogPublisher,
         beginner: LogBeginner | None = None,
+        config_path: str = "<config>",
+        stderr: TextIO | None = None,
     ) -> None:
         self.level = level
+        self.config_path = config_path
+        self._stderr = stderr
         self._beginner = beginner if beginner is not None else globalLogBeginner
         self.logging_config = logging_config
         self._publisher = publisher
@@ -127,11 +138,9 @@ class LoggingService(Service):
         if self.logging_config:
             try:
                 logging.config.dictConfig(dict(self.logging_config))
-            except (ValueError, TypeError, AttributeError, ImportError) as exc:
-                self._log.error(
-                    "logging_config could not be applied ({error}); library logs go to the wgkex log instead",
-                    error=exc,
-                )
+            except (ValueError, TypeError, AttributeError, ImportError, KeyError) as exc:
+                problem = " ".join(f"cannot be applied by Python's logging.config.dictConfig: {exc}".split())
+                exit_at_start(ConfigError(self.config_path, "logging_config", problem), self._stderr)
             else:
                 return
         self._bridge = StdlibToTwisted(self._publisher)
@@ -161,13 +170,13 @@ class LoggingService(Service):
         """
         if self.level == "debug":
             return
-        if getattr(self._beginner, "_temporaryObserver", None) is not None:
-            # Logging has not begun: ``twist`` starts the services first and then
-            # begins logging to its own observer, filtered by its --log-level.
-            # Taking the beginner's start-up buffer off the publisher would break
-            # the replay of the buffered events (and twist with it).
+        if not _logging_has_begun(self._beginner):
+            # ``twist`` starts the services first and then begins logging to its own
+            # observer, filtered by its --log-level. Taking the beginner's start-up
+            # buffer off the publisher would break the replay of the buffered events
+            # (and twist with it).
             return
-        observers = list(getattr(self._publisher, "_observers", ()))
+        observers = _observers_of(self._publisher)
         if not observers:
             return
         for observer in observers:
@@ -175,3 +184,19 @@ class LoggingService(Service):
         self._taken = observers
         self._gate = _LevelGate(observers, _TWISTED_LEVELS[self.level])
         self._publisher.addObserver(self._gate)
+
+
+# twisted.logger has no public way to ask whether logging has begun or which
+# observers a publisher holds, and twistd offers no hook to wrap the observer it
+# creates. These two functions are the only places that read Twisted's private
+# attributes; each falls back to "do nothing" if the attribute goes away.
+
+
+def _logging_has_begun(beginner: LogBeginner) -> bool:
+    """False while ``beginner`` still buffers start-up events (``twist`` before it begins logging)."""
+    return getattr(beginner, "_temporaryObserver", None) is None
+
+
+def _observers_of(publisher: LogPublisher) -> list[ILogObserver]:
+    """The observers ``publisher`` currently forwards to."""
+    return list(getattr(publisher, "_observers", ()))

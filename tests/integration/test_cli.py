@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,8 @@ import urllib.error
 import urllib.request
 
 from twisted.trial.unittest import TestCase
+
+from tests.support.mosquitto import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -71,6 +74,58 @@ class ConfigErrorExitTests(TestCase):
             f.write("domains: [ffmuc_welt\n")
         rc, out, err, _ = run_twistd("wgkex-worker", "--config", path)
         self.assertOneLineError(rc, out, err, path, "YAML syntax error")
+
+
+class StartFailureTests(TestCase):
+    """Problems that show only when the daemon starts end it like a bad file: exit 1, one line on stderr."""
+
+    def start_with(self, text: str) -> tuple[str, str, str]:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("domains: [ffmuc_welt]\ndomain_prefixes: [ffmuc_]\nmqtt: {broker_url: 127.0.0.1, broker_port: 1}\n"
+                    + text)
+        rc, out, err, took = run_twistd("--pidfile=", "wgkex-broker", "--config", path, timeout=30)
+        self.assertEqual(rc, 1, out + err)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertNotIn("Traceback", out + err)
+        self.assertLess(took, 30)
+        return path, err, out
+
+    def test_listen_port_in_use(self) -> None:
+        """broker_listen on a port another process holds: exit 1, one line naming file, key and problem."""
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            path, err, _ = self.start_with(f"broker_listen: {{host: 127.0.0.1, port: {port}}}\n")
+        self.assertEqual(err, f"wgkex: configuration error: {path}: broker_listen: cannot listen on 127.0.0.1:{port}: "
+                              "Address already in use (another process already listens there)\n")
+
+    def test_listen_host_unresolvable(self) -> None:
+        """A broker_listen host name that does not resolve: exit 1, one line."""
+        path, err, _ = self.start_with("broker_listen: {host: no-such-host.invalid, port: 5000}\n")
+        self.assertIn(f"{path}: broker_listen: cannot listen on no-such-host.invalid:5000: the host name does not resolve",
+                      err)
+
+    def test_listen_address_not_here(self) -> None:
+        """A broker_listen address that is not on this machine: exit 1, one line."""
+        path, err, _ = self.start_with("broker_listen: {host: 192.0.2.7, port: 5000}\n")
+        self.assertIn(f"{path}: broker_listen: cannot listen on 192.0.2.7:5000: ", err)
+        self.assertIn("the address is not on this machine", err)
+
+    def test_logging_config_bad_version(self) -> None:
+        """logging_config with version 99 stops the daemon (it used to log and keep running)."""
+        path, err, _ = self.start_with(f"broker_listen: {{host: 127.0.0.1, port: {free_port()}}}\n"
+                                       "logging_config: {version: 99}\n")
+        self.assertTrue(err.startswith(f"wgkex: configuration error: {path}: logging_config: "), err)
+        self.assertIn("99", err)
+
+    def test_logging_config_unknown_handler(self) -> None:
+        """logging_config naming a handler class that does not exist stops the daemon with one line."""
+        path, err, _ = self.start_with(
+            f"broker_listen: {{host: 127.0.0.1, port: {free_port()}}}\n"
+            "logging_config: {version: 1, handlers: {x: {class: no.such.Handler}}, root: {handlers: [x]}}\n")
+        self.assertTrue(err.startswith(f"wgkex: configuration error: {path}: logging_config: "), err)
 
 
 class PluginTests(TestCase):

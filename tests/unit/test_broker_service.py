@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_broker_fakes import FakeBus, make_config
-from wgkex.broker.service import BrokerService, HttpListener, with_backlog
-from wgkex.broker.site import make_site
+from wgkex import listen as listen_module
+from wgkex.broker.service import Broker, build_broker, too_large_counter, with_backlog
+from wgkex.listen import ListenService
 from wgkex.broker.workers import DATA_TOPIC, METRICS_TOPIC, STATUS_TOPIC
 from wgkex.config import MqttConfig
 from wgkex.mqtt import MqttService
@@ -32,6 +38,33 @@ class RefusingReactor(MemoryReactorClock):
         raise CannotListenError(interface, port, OSError(98, "Address already in use"))
 
 
+class StoppableReactor(MemoryReactorClock):
+    """Records the shutdown trigger and the stop that an asynchronous listen failure asks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list[tuple[str, str, int]] = []
+        self.stopped = False
+        self.running = True
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any, *args: Any, **kw: Any) -> Any:
+        self.triggers.append((phase, event, *args))
+        return None
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class LaterEndpoint:
+    """An endpoint whose listen() result arrives later, as a non-TCP endpoint's may."""
+
+    def __init__(self, result: Deferred[Any]) -> None:
+        self.result = result
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        return self.result
+
+
 class BacklogTests(SynchronousTestCase):
     def test_added_to_tcp(self) -> None:
         """tcp/tcp6/ssl/unix descriptions get backlog=N when they have none."""
@@ -48,47 +81,50 @@ class BacklogTests(SynchronousTestCase):
 
 
 class TreeTests(SynchronousTestCase):
-    def build(self, reactor: Any = None, **config: Any) -> tuple[BrokerService, MemoryReactorClock]:
+    def build(self, reactor: Any = None, **config: Any) -> tuple[Broker, MemoryReactorClock]:
         reactor = reactor or MemoryReactorClock()
         cfg = make_config(log_level="debug", **config)
-        service = BrokerService(reactor, cfg, mqtt_factory=cast(Callable[..., MqttService], FakeMqtt),
-                                freeze_gc=False)
-        return service, reactor
+        broker = build_broker(cfg, reactor, mqtt_factory=cast(Callable[..., MqttService], FakeMqtt))
+        return broker, reactor
+
+    def start(self, broker: Broker) -> None:
+        """Start the tree as twistd does: privilegedStartService on everything, then startService."""
+        broker.service.privilegedStartService()
+        broker.service.startService()
+        self.addCleanup(broker.service.stopService)
 
     def test_building_opens_nothing(self) -> None:
         """makeService-time construction listens on nothing and subscribes only in memory."""
-        service, reactor = self.build()
+        broker, reactor = self.build()
         self.assertEqual(reactor.tcpServers, [])
-        self.assertEqual(sorted(name for name in (s.name for s in service)),
-                         sorted(["logging", "keylists", "mqtt", "sigterm", "http"]))
-        self.assertEqual(sorted(f for f, _, _ in service.mqtt.subscriptions),  # type: ignore[attr-defined]
+        self.assertEqual([s.name for s in broker.service], ["logging", "keylists", "mqtt", "sigterm", "http"])
+        self.assertEqual(sorted(f for f, _, _ in broker.mqtt.subscriptions),  # type: ignore[attr-defined]
                          sorted([STATUS_TOPIC, DATA_TOPIC, METRICS_TOPIC]))
 
     def test_start_listens_with_backlog(self) -> None:
         """Starting listens on broker_listen with the configured backlog (default 1024)."""
-        service, reactor = self.build()
-        service.startService()
-        self.addCleanup(service.stopService)
+        broker, reactor = self.build()
+        self.start(broker)
         [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, backlog, interface), (5000, 1024, "127.0.0.1"))
-        self.assertIs(factory, service.site)
-        self.assertTrue(all(s.running for s in service))
+        self.assertIs(factory, broker.site)
+        self.assertTrue(all(s.running for s in broker.service))
 
     def test_ipv6_listen(self) -> None:
         """An IPv6 literal in broker_listen works."""
-        service, reactor = self.build(broker_listen={"host": "::1", "port": 5001})
-        service.startService()
-        self.addCleanup(service.stopService)
+        broker, reactor = self.build(broker_listen={"host": "::1", "port": 5001})
+        self.start(broker)
         [(port, _, _, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (5001, "::1"))
 
     def test_stop_stops_listening_first(self) -> None:
         """Stopping closes the listener before the MQTT service is stopped."""
-        service, reactor = self.build()
-        service.startService()
+        broker, reactor = self.build()
+        broker.service.privilegedStartService()
+        broker.service.startService()
         order: list[str] = []
-        listener = service.getServiceNamed("http")
-        mqtt = service.getServiceNamed("mqtt")
+        listener = broker.service.getServiceNamed("http")
+        mqtt = broker.service.getServiceNamed("mqtt")
         original_http, original_mqtt = listener.stopService, mqtt.stopService
 
         def stop_http() -> object:
@@ -99,47 +135,88 @@ class TreeTests(SynchronousTestCase):
             order.append("mqtt")
             return original_mqtt()
 
-        listener.stopService = stop_http
-        mqtt.stopService = stop_mqtt
-        service.stopService()
+        listener.stopService = stop_http  # type: ignore[method-assign]
+        mqtt.stopService = stop_mqtt  # type: ignore[method-assign]
+        broker.service.stopService()
         self.assertEqual(order, ["http", "mqtt"])
-        self.assertFalse(any(s.running for s in service))
+        self.assertFalse(any(s.running for s in broker.service))
 
     def test_port_in_use_is_one_line_exit(self) -> None:
-        """A port that cannot be bound stops the start with a one-line SystemExit, before MQTT starts."""
-        service, _ = self.build(reactor=RefusingReactor())
+        """A port that cannot be bound ends the start with exit 1 and one line naming file and key, before MQTT starts."""
+        broker, _ = self.build(reactor=RefusingReactor())
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
         with self.assertRaises(SystemExit) as cm:
-            service.startService()
-        message = str(cm.exception.code)
-        self.assertIn("cannot listen on", message)
-        self.assertIn("already in use", message)
-        self.assertNotIn("\n", message)
-        self.assertFalse(service.getServiceNamed("mqtt").running)
+            broker.service.privilegedStartService()
+        self.assertEqual(cm.exception.code, 1)
+        line = stderr.getvalue()
+        self.assertEqual(len(line.splitlines()), 1, line)
+        self.assertIn("wgkex: configuration error: test.yaml: broker_listen: cannot listen on 127.0.0.1:5000", line)
+        self.assertIn("another process already listens there", line)
+        self.assertFalse(broker.service.getServiceNamed("mqtt").running)
+
+    def test_asynchronous_listen_failure_stops_the_process(self) -> None:
+        """An endpoint that fails after start-up (not synchronously) still ends the process with status 1 and one line."""
+        reactor = StoppableReactor()
+        later: Deferred[Any] = Deferred()
+        listener = ListenService(reactor, "tcp:5000", Factory(), "/etc/w.yaml", "broker_listen")
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        self.patch(listen_module, "serverFromString", lambda r, d: LaterEndpoint(later))
+        listener.privilegedStartService()
+        listener.startService()
+        self.assertEqual(reactor.triggers, [])
+        later.errback(CannotListenError("127.0.0.1", 5000, OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")))
+        self.assertEqual(stderr.getvalue(),
+                         "wgkex: configuration error: /etc/w.yaml: broker_listen: cannot listen on 127.0.0.1:5000: "
+                         "Cannot assign requested address (the address is not on this machine)\n")
+        self.assertEqual(reactor.triggers, [("after", "shutdown", 1)])
+        self.assertTrue(reactor.stopped)
+        stopped = listener.stopService()
+        self.assertIsNone(self.successResultOf(stopped if stopped is not None else succeed(None)))
 
     def test_bad_description_is_one_line_exit(self) -> None:
-        """An unusable endpoint description stops the start with one line naming it."""
-        listener = HttpListener(MemoryReactorClock(), "nonsense:1234", make_site(Service(), 10))  # type: ignore[arg-type]
-        with self.assertRaises(SystemExit) as cm:
-            listener.startService()
-        self.assertIn("nonsense:1234", str(cm.exception.code))
+        """An unusable endpoint description ends the start with one line naming it."""
+        listener = ListenService(MemoryReactorClock(), "nonsense:1234", Factory(), "/etc/w.yaml", "broker_listen")
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        with self.assertRaises(SystemExit):
+            listener.privilegedStartService()
+        self.assertIn("/etc/w.yaml: broker_listen: is not a usable endpoint description", stderr.getvalue())
+        self.assertIn("nonsense:1234", stderr.getvalue())
 
     def test_too_large_counted(self) -> None:
         """A 413 from the site is counted as a v1/v2 request refused for size."""
-        service, _ = self.build()
-        service._too_large(b"/api/v2/wg/key/exchange")
-        text = service.metrics.render().decode()
+        broker, _ = self.build()
+        too_large_counter(broker.metrics, broker.history)(b"/api/v2/wg/key/exchange")
+        text = broker.metrics.render().decode()
         self.assertIn('wgkex_broker_requests_total{endpoint="v2",status="413"} 1.0', text)
         self.assertIn('wgkex_broker_refused_total{reason="too_large"} 1.0', text)
 
     def test_too_large_with_query_counted_by_endpoint(self) -> None:
         """A 413 on the key exchange path with a query string still counts for that endpoint (routing ignores it)."""
-        service, _ = self.build()
-        service._too_large(b"/api/v1/wg/key/exchange?v=1")
-        text = service.metrics.render().decode()
+        broker, _ = self.build()
+        too_large_counter(broker.metrics, broker.history)(b"/api/v1/wg/key/exchange?v=1")
+        text = broker.metrics.render().decode()
         self.assertIn('wgkex_broker_requests_total{endpoint="v1",status="413"} 1.0', text)
 
     def test_bad_bus_messages_counted(self) -> None:
         """Malformed worker messages show in the metrics by kind."""
-        service, _ = self.build()
-        service.tracker.message("wireguard-metrics/ffmuc_welt/gw/connected_peers", b"x", True)
-        self.assertIn('wgkex_broker_bus_messages_invalid_total{kind="metric"} 1.0', service.metrics.render().decode())
+        broker, _ = self.build()
+        broker.tracker.message("wireguard-metrics/ffmuc_welt/gw/connected_peers", b"x", True)
+        self.assertIn('wgkex_broker_bus_messages_invalid_total{kind="metric"} 1.0', broker.metrics.render().decode())
+
+
+class TapTests(SynchronousTestCase):
+    def test_make_service_builds_the_tree(self) -> None:
+        """makeService(options, reactor) returns the tree without listening; gc.freeze waits for the reactor to run."""
+        from wgkex.broker.tap import makeService
+        from wgkex.options import Options
+
+        reactor = MemoryReactorClock()
+        options = Options()
+        options.config = make_config()
+        service = makeService(options, reactor)
+        self.assertEqual([s.name for s in service], ["logging", "keylists", "mqtt", "sigterm", "http"])  # type: ignore[attr-defined]
+        self.assertEqual(reactor.tcpServers, [])
+        self.assertEqual(len(reactor.whenRunningHooks), 1)

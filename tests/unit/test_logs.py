@@ -56,12 +56,20 @@ class LoggingServiceTests(SynchronousTestCase):
         logging.getLogger("paho.test").debug("chatter")
         self.assertFalse([e for e in self.events if e.get("message") == "chatter"])
 
-    def test_bad_logging_config_is_reported(self) -> None:
-        """A logging_config dictConfig refuses is logged as an error naming the key, not raised."""
-        self.start("info", {"version": 1, "handlers": {"x": {"class": "no.such.Handler"}}})
-        errors = [e for e in self.events if e["log_level"] == LogLevel.error]
-        self.assertEqual(len(errors), 1)
-        self.assertIn("logging_config", errors[0]["log_format"])
+    def test_bad_logging_config_stops_start(self) -> None:
+        """A logging_config dictConfig refuses (version 99, unknown handler class) ends the start: exit 1, one line."""
+        import io
+
+        for bad in ({"version": 99}, {"version": 1, "handlers": {"x": {"class": "no.such.Handler"}}}):
+            stderr = io.StringIO()
+            service = LoggingService("info", bad, self.publisher, None, config_path="/etc/w.yaml", stderr=stderr)
+            with self.assertRaises(SystemExit) as cm:
+                service.startService()
+            self.assertEqual(cm.exception.code, 1)
+            line = stderr.getvalue()
+            self.assertEqual(len(line.splitlines()), 1, line)
+            self.assertTrue(line.startswith("wgkex: configuration error: /etc/w.yaml: logging_config: "), line)
+            service.stopService()
 
     def test_started_before_logging_began(self) -> None:
         """Under ``twist`` services start before logging begins: the start-up buffer replays intact."""

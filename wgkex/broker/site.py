@@ -179,7 +179,7 @@ def make_site(
     on_too_large: Callable[[bytes], None] | None = None,
     discard_limit: int = DISCARD_LIMIT,
     timeout: float = 60.0,
-) -> server.Site:
+) -> BrokerSite:
     """The broker's site: limited bodies in memory, no form parsing, JSON protocol errors."""
     return BrokerSite(
         resource,

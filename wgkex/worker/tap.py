@@ -59,7 +59,7 @@ def makeService(options: Options) -> IService:
         bus,
         pool,
         support=[
-            LoggingService(config.log_level, config.logging_config),
+            LoggingService(config.log_level, config.logging_config, config_path=config.path),
             CleanSigterm(reactor, hangup="the worker has nothing to reload; restart it to apply a changed configuration"),
         ],
     )
