@@ -96,6 +96,14 @@ class BrokerConfig:
     key_allowlist: str | None = None
     #: Seconds to wait for the MQTT server to acknowledge a key before answering anyway.
     publish_timeout: float = 5.0
+    #: Seconds a request may take to arrive whole (headers and body) from its first byte.
+    request_timeout: float = 20.0
+    #: Seconds a connection may stay open with nothing to do.
+    idle_timeout: float = 30.0
+    #: Connections open at once from one client address (0: no limit).
+    max_connections_per_address: int = 256
+    #: Connections open at once in all (0: from the open-files limit, see wgkex.broker.service).
+    max_connections: int = 0
 
 
 @dataclass(frozen=True)
@@ -466,6 +474,10 @@ def parse_config(
         key_blocklist=b.opt_string("key_blocklist"),
         key_allowlist=b.opt_string("key_allowlist"),
         publish_timeout=b.number("publish_timeout", 5.0, 0),
+        request_timeout=b.number("request_timeout", 20.0, 0),
+        idle_timeout=b.number("idle_timeout", 30.0, 0),
+        max_connections_per_address=b.integer("max_connections_per_address", 256, 0),
+        max_connections=b.integer("max_connections", 0, 0),
     )
 
     host = hostname()

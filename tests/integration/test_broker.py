@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -55,7 +56,8 @@ def fresh_key(i: int) -> str:
 class BrokerProcess:
     """One ``twistd -n wgkex-broker`` with its own config file, port and log."""
 
-    def __init__(self, testcase: SynchronousTestCase, mqtt_port: int, extra: str = "", mqtt_extra: str = "") -> None:
+    def __init__(self, testcase: SynchronousTestCase, mqtt_port: int, extra: str = "", mqtt_extra: str = "",
+                 limit_files: int | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="wgkex-broker-")
         testcase.addCleanup(shutil.rmtree, self.dir, True)
         self.port = free_port()
@@ -72,9 +74,14 @@ class BrokerProcess:
                 """) + extra)
         self.log_path = os.path.join(self.dir, "broker.log")
         log = open(self.log_path, "wb")
+
+        def limit() -> None:
+            if limit_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files))
+
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "wgkex-broker", "--config", self.config],
-            cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
+            cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit,
         )
         log.close()
         testcase.addCleanup(self.kill)
@@ -234,6 +241,16 @@ class FakeWorker:
             self.proc.stdout.close()
 
 
+def read_until_closed(s: socket.socket) -> bytes:
+    """Everything the server sends on ``s`` until it closes the connection."""
+    reply = b""
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return reply
+        reply += data
+
+
 def v1_body(key: str = KEY, domain: str = "ffmuc_welt") -> bytes:
     return ('{"domain": "' + domain + '","public_key": "' + key + '"}').encode()
 
@@ -337,12 +354,7 @@ class BrokerIntegrationTests(SynchronousTestCase):
             for _ in range(64):
                 s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             s.sendall(b"0\r\n\r\n")
-            reply = b""
-            while True:
-                data = s.recv(65536)
-                if not data:
-                    break
-                reply += data
+            reply = read_until_closed(s)
         self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply[:200])
         head, body = reply.split(b"\r\n\r\n", 1)
         self.assertIn(b"Content-Type: application/json", head)
@@ -358,6 +370,23 @@ class BrokerIntegrationTests(SynchronousTestCase):
             s.sendall(b"y" * 1_000_000)
             while s.recv(65536):
                 pass
+
+    def test_half_closed_post_gets_its_reply(self) -> None:
+        """A POST whose client then shuts its sending side (SHUT_WR) gets its 200 after the key is acknowledged."""
+        sub = Subscriber(self, self.mosquitto.port)
+        broker = BrokerProcess(self, self.mosquitto.port)
+        wait_for(lambda: broker.get("/readyz")[0] == 200, 10, what="broker connected to MQTT")
+        payload = v1_body(KEY2)
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as s:
+            s.sendall(b"POST /api/v1/wg/key/exchange HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/x-www-form-urlencoded\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+            s.shutdown(socket.SHUT_WR)
+            reply = read_until_closed(s)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:200])
+        self.assertEqual(json.loads(reply.split(b"\r\n\r\n", 1)[1]), {"Message": "OK"})
+        wait_for(sub.keys, 5, what="key at subscriber")
+        self.assertEqual(sub.keys(), [("wireguard/ffmuc_welt/all", KEY2.encode())])
 
     def test_blocklist_reloaded_on_sighup(self) -> None:
         """A blocked key is refused with 403; after editing the list and SIGHUP it is accepted."""

@@ -506,3 +506,28 @@ class PageTests(ApiCase):
             "wgkex_broker_rate_limited_total 0.0",
         ):
             self.assertIn(line, text)
+
+
+class CachedPagesTests(ApiCase):
+    def test_expensive_pages_rendered_once_a_second(self) -> None:
+        """/metrics, /api/v1/status and / are rendered at most once a second: a flood costs one render."""
+        renders: Counter[str] = Counter()
+        original = self.b.metrics.render
+
+        def counting_render() -> bytes:
+            renders["metrics"] += 1
+            return original()
+
+        self.b.metrics.render = counting_render  # type: ignore[method-assign]
+        first = [self.request("GET", BASE + path)[2] for path in ("/metrics", "/api/v1/status", "/")]
+        self.b.worker("gw-a", peers=30)
+        for _ in range(50):
+            again = [self.request("GET", BASE + path)[2] for path in ("/metrics", "/api/v1/status", "/")]
+        self.assertEqual(again, first)
+        self.assertEqual(renders["metrics"], 1)
+        self.b.clock.advance(1)
+        fresh = [self.request("GET", BASE + path)[2] for path in ("/metrics", "/api/v1/status", "/")]
+        self.assertEqual(renders["metrics"], 2)
+        self.assertIn(b'worker="gw-a"', fresh[0])
+        self.assertIn(b"gw-a", fresh[1])
+        self.assertIn(b"gw-a", fresh[2])

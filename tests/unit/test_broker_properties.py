@@ -83,3 +83,73 @@ class NeverFailsTests(SynchronousTestCase):
             self.assertEqual((p.qos, p.retain), (1, False))
         if response.code == 200 and method == "POST":
             self.assertEqual(len(new), 1)
+
+
+request_heads = st.sampled_from([
+    b"GET / HTTP/1.1\r\nHost: b\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: b\r\n\r\n",
+    b"GET /api/v1/status HTTP/1.1\r\nHost: b\r\n\r\n",
+    b"GET /readyz HTTP/1.1\r\n\r\n",
+    b"DELETE /api/v1/wg/key/exchange HTTP/1.1\r\nHost: b\r\n\r\n",
+    b"GET /%ff%fe HTTP/1.1\r\nHost: \xff\r\n\r\n",
+    b"\r\n",
+])
+
+
+@st.composite
+def posts(draw: st.DrawFn) -> bytes:
+    """A key exchange POST with any body, framed by Content-Length or (as Gluon) chunked."""
+    path = draw(st.sampled_from(PATHS)).encode()
+    payload = draw(bodies)
+    if draw(st.booleans()):
+        framed = b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    else:
+        framed = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+    return b"POST " + path + b" HTTP/1.1\r\nHost: b\r\nContent-Type: application/x-www-form-urlencoded\r\n" + framed
+
+
+streams = st.lists(st.one_of(request_heads, posts(), st.binary(max_size=60)), min_size=1, max_size=6)
+
+
+class RawConnectionTests(SynchronousTestCase):
+    """The same property one level down: raw bytes on one connection, pipelined and split anywhere."""
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(parts=streams, cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=20),
+           half_close=st.booleans())
+    def test_no_5xx_no_invalid_key_on_the_wire(self, parts: list[bytes], cuts: list[int], half_close: bool) -> None:
+        """Any byte stream, split anywhere and maybe half-closed: every reply is below 500 and only valid keys go out."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from wgkex.broker.site import make_site
+
+        b = Broker(broker={"rate_burst": 10**9})
+        b.worker("gw-a", domain="ffmuc_welt", key=GW_KEY)
+        site = make_site(b.api.resource(), b.config.broker.max_body_size, b.clock)
+        addr = IPv4Address("TCP", "192.0.2.1", 4000)
+        channel = site.buildProtocol(addr)
+        assert channel is not None
+        transport = StringTransport(peerAddress=addr)
+        channel.makeConnection(transport)
+        data = b"".join(parts)
+        at = 0
+        for cut in cuts:
+            if at >= len(data) or transport.disconnecting:
+                break
+            channel.dataReceived(data[at:at + cut])
+            b.bus.ack()
+            at += cut
+        if at < len(data) and not transport.disconnecting:
+            channel.dataReceived(data[at:])
+        for _ in range(len(parts) + 1):
+            b.bus.ack()
+        if half_close and not transport.disconnecting:
+            channel.readConnectionLost()
+        out = transport.value()
+        statuses = [int(line[9:12]) for line in out.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+        self.assertTrue(all(status < 500 for status in statuses), (statuses, out[:300]))
+        for p in b.bus.published:
+            self.assertTrue(is_valid_public_key(p.payload.decode("ascii")), p.payload)
+            self.assertEqual(p.topic, "wireguard/ffmuc_welt/all")
+        channel.connectionLost(None)  # type: ignore[arg-type]

@@ -96,6 +96,8 @@ class OriginalFormatTests(SynchronousTestCase):
         self.assertEqual((c.worker.cleanup_interval, c.worker.peer_timeout, c.worker.metrics_interval), (3600, 10800, 60))
         self.assertEqual((c.broker.max_body_size, c.broker.rate_limit, c.broker.rate_burst), (4096, 10, 200))
         self.assertEqual((c.mqtt.queue_limit, c.mqtt.reconnect_max_delay), (10_000, 30))
+        self.assertEqual((c.broker.request_timeout, c.broker.idle_timeout), (20, 30))
+        self.assertEqual((c.broker.max_connections_per_address, c.broker.max_connections), (256, 0))
         self.assertEqual(c.weight("unknown-worker"), 1)
         self.assertEqual(c.log_level, "info")
 

@@ -43,6 +43,7 @@ from werkzeug.exceptions import HTTPException
 
 from wgkex.broker import status as status_page
 from wgkex.broker.history import History
+from wgkex.broker.cache import RenderCache
 from wgkex.broker.keylists import KeyLists
 from wgkex.broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from wgkex.broker.metrics import BrokerMetrics
@@ -164,6 +165,7 @@ class BrokerApi:
         self._trusted = parse_networks(config.broker.trusted_proxies)
         self._max_body = config.broker.max_body_size
         self._timeout = config.broker.publish_timeout
+        self._pages = RenderCache(clock)
         self.app = self._build_app()
 
     # -- the app -------------------------------------------------------------------------
@@ -354,13 +356,17 @@ class BrokerApi:
             self.picture, bus.connected, bus.reconnects, bus.pending, self.clock.seconds(), self.history
         )
 
+    # The three read-only pages below are rendered at most once a second (RenderCache).
+
     def index(self, request: IRequest) -> bytes:
         """``GET /``: the HTML status page."""
-        return self._reply(request, "index", 200, status_page.render_html(self._status()), None, HTML)
+        body = self._pages.get("index", lambda: status_page.render_html(self._status()))
+        return self._reply(request, "index", 200, body, None, HTML)
 
     def status(self, request: IRequest) -> bytes:
         """``GET /api/v1/status``: the status page's data as JSON."""
-        return self._reply(request, "status", 200, json.dumps(self._status()).encode("utf-8"), None)
+        body = self._pages.get("status", lambda: json.dumps(self._status()).encode("utf-8"))
+        return self._reply(request, "status", 200, body, None)
 
     def openapi(self, request: IRequest) -> bytes:
         """``GET /api/openapi.json``: the OpenAPI 3.1 description of this API (package data, read once)."""
@@ -370,7 +376,8 @@ class BrokerApi:
 
     def prometheus(self, request: IRequest) -> bytes:
         """``GET /metrics``: Prometheus text exposition."""
-        return self._reply(request, "metrics", 200, self.metrics.render(), None, METRICS_CONTENT_TYPE.encode())
+        body = self._pages.get("metrics", self.metrics.render)
+        return self._reply(request, "metrics", 200, body, None, METRICS_CONTENT_TYPE.encode())
 
     def healthz(self, request: IRequest) -> bytes:
         """``GET /healthz``: 200 while the process serves."""

@@ -21,6 +21,7 @@ last), so no new request arrives while MQTT flushes what was queued (bounded).
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,26 @@ def too_large_counter(metrics: BrokerMetrics, history: History) -> Callable[[byt
     return count
 
 
+#: File descriptors kept free of HTTP connections: MQTT, logs, key lists, the listener itself.
+FD_RESERVE = 64
+
+
+def open_files() -> int:
+    """This process's soft limit of open files (``ulimit -n``)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connection_limit(open_files: int) -> int:
+    """How many HTTP connections may be open at once under ``open_files`` (``broker.max_connections: 0``).
+
+    Beyond this the site replaces the connection that waited longest, so
+    ``accept()`` never fails for lack of descriptors (twisted.web would then spin
+    on the listening socket and fresh clients would wait in the kernel's queue).
+    """
+    return max(16, open_files - FD_RESERVE)
+
+
 def build_broker(
     config: Config,
     reactor: Any,
@@ -91,7 +112,12 @@ def build_broker(
     lists = KeyLists(b.key_blocklist, b.key_allowlist)
     limiter = RateLimiter(b.rate_limit, b.rate_burst, clock)
     api = BrokerApi(config, mqtt, picture, lists, limiter, metrics, clock, history)
-    site = make_site(api.resource(), b.max_body_size, reactor, on_too_large=too_large_counter(metrics, history))
+    site = make_site(
+        api.resource(), b.max_body_size, reactor, on_too_large=too_large_counter(metrics, history),
+        idle_timeout=b.idle_timeout, request_timeout=b.request_timeout,
+        max_per_address=b.max_connections_per_address,
+        max_connections=b.max_connections or connection_limit(open_files()),
+    )
     listener = ListenService(reactor, with_backlog(b.listen, b.backlog), site, config.path, "broker_listen")
 
     tree = MultiService()
