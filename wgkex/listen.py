@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wgkex.config import ConfigError
+from wgkex.reactor import IReactor
 from wgkex.startup import exit_at_start, exit_when_running
 
 _BACKLOG_KINDS = ("tcp", "tcp6", "ssl", "unix")
@@ -100,7 +101,7 @@ class ListenService(StreamServerEndpointService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: IProtocolFactory, config_path: str, key: str,
+    def __init__(self, reactor: IReactor, description: str, factory: IProtocolFactory, config_path: str, key: str,
                  name: str = "http") -> None:
         super().__init__(None, factory)
         self.setName(name)

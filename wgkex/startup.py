@@ -17,19 +17,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn, Protocol, TextIO
+from typing import NoReturn, TextIO
+
+from twisted.internet.interfaces import IReactorCore
 
 from wgkex.config import ConfigError
-
-
-class _StoppableReactor(Protocol):
-    running: bool
-
-    def stop(self) -> None: ...
-
-    def callWhenRunning(self, f: object, *args: object) -> object: ...
-
-    def addSystemEventTrigger(self, phase: str, event: str, f: object, *args: object) -> object: ...
 
 
 def error_line(error: ConfigError) -> str:
@@ -53,7 +45,7 @@ def exit_at_start(error: ConfigError, stderr: TextIO | None = None) -> NoReturn:
     raise SystemExit(1)
 
 
-def exit_when_running(reactor: _StoppableReactor, error: ConfigError, stderr: TextIO | None = None) -> None:
+def exit_when_running(reactor: IReactorCore, error: ConfigError, stderr: TextIO | None = None) -> None:
     """Write the error line, stop the reactor cleanly, then end the process with status 1.
 
     For a failure that arrives after start-up began (an endpoint that fails to

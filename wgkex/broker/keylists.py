@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from wgkex.keys import key_problem
@@ -134,10 +135,6 @@ class _Signals(Protocol):
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
-class _CallFromThread(Protocol):
-    def callFromThread(self, f: Callable[..., object], *args: object) -> None: ...
-
-
 class KeyListService(Service):
     """Loads the key lists at start and again on SIGHUP (restoring the old handler at stop).
 
@@ -148,7 +145,7 @@ class KeyListService(Service):
     name = "keylists"
     log = Logger()
 
-    def __init__(self, lists: KeyLists, reactor: _CallFromThread, signals: _Signals = signal) -> None:
+    def __init__(self, lists: KeyLists, reactor: IReactorFromThreads, signals: _Signals = signal) -> None:
         self.lists = lists
         self._reactor = reactor
         self._signals = signals

@@ -24,8 +24,6 @@ from __future__ import annotations
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
 from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorTime
 
@@ -40,6 +38,7 @@ from wgkex.config import Config
 from wgkex.listen import ListenService, with_backlog
 from wgkex.logs import LoggingService
 from wgkex.mqtt import MqttService
+from wgkex.reactor import IReactor
 from wgkex.sigterm import CleanSigterm
 
 __all__ = ["Broker", "build_broker", "too_large_counter", "with_backlog"]
@@ -97,7 +96,7 @@ def connection_limit(open_files: int) -> int:
 
 def build_broker(
     config: Config,
-    reactor: Any,
+    reactor: IReactor,
     mqtt_factory: Callable[..., MqttService] = MqttService,
 ) -> Broker:
     """Build (not start) the whole broker for ``config`` on ``reactor``."""

@@ -17,21 +17,22 @@ reference cycles per request).
 from __future__ import annotations
 
 import gc
-from typing import Any
 
 from twisted.application.service import IService
 
 from wgkex.options import Options
+from wgkex.reactor import IReactor
 
 __all__ = ["Options", "makeService"]
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
-    """Build (not start) the broker's services."""
-    if reactor is None:
-        from twisted.internet import reactor
-
+def makeService(options: Options, reactor: IReactor | None = None) -> IService:
+    """Build (not start) the broker's services (on Twisted's global reactor unless given one)."""
     from wgkex.broker.service import build_broker
+    from wgkex.reactor import installed_reactor
+
+    if reactor is None:
+        reactor = installed_reactor()
 
     broker = build_broker(options.config, reactor)
     reactor.callWhenRunning(_freeze_start_up_objects)
