@@ -111,11 +111,13 @@ class ListenService(StreamServerEndpointService):
         self.key = key
         self.port: IListeningPort | None = None
         self._starting = False
+        self._listen_called = False
         self._early: ConfigError | None = None
 
     def privilegedStartService(self) -> None:
-        if self._waitingForPort is not None:
+        if self._listen_called:
             return
+        self._listen_called = True
         try:
             endpoint = serverFromString(self._reactor, self.description)
         except Exception as exc:  # Twisted's parsers raise many kinds for a bad description
@@ -145,7 +147,7 @@ class ListenService(StreamServerEndpointService):
 
     def stopService(self) -> Deferred[None] | None:
         self.port = None
-        if self._waitingForPort is None:  # never started listening
+        if not self._listen_called:  # never started listening (the stock service would fail)
             self.running = False
             return None
         d: Deferred[None] = super().stopService()
