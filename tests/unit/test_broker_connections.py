@@ -214,6 +214,7 @@ class ConnectionLimitTests(ConnectionCase):
         self.clock.advance(1)
         others = [self.connect(f"192.0.2.{i}")[1] for i in (3, 4, 5)]
         self.assertEqual(self.site.open_connections, 5)
+        self.clock.advance(1)
         self.connect("192.0.2.9")
         self.assertTrue(getattr(oldest_transport, "aborting", False) or oldest_transport.disconnecting)
         self.assertFalse(busy_transport.disconnecting)
@@ -237,6 +238,19 @@ class FairReplacementTests(SynchronousTestCase):
         site.buildProtocol(IPv4Address("TCP", "192.0.2.2", 1))
         self.assertTrue(transports["flood1"].disconnecting)
         self.assertFalse(transports["single"].disconnecting)
+
+    def test_fresh_connections_are_not_replaced(self) -> None:
+        """When every open connection arrived less than a second ago, the newcomer is refused instead."""
+        clock = MemoryReactorClock()
+        site = make_site(Pages(), 4096, clock, max_per_address=10, max_connections=2)
+        for host in ("192.0.2.1", "192.0.2.2"):
+            channel = site.buildProtocol(IPv4Address("TCP", host, 1))
+            assert channel is not None
+            channel.makeConnection(StringTransport())
+        clock.advance(0.5)
+        self.assertIsNone(site.buildProtocol(IPv4Address("TCP", "192.0.2.3", 1)))
+        clock.advance(0.5)
+        self.assertIsNotNone(site.buildProtocol(IPv4Address("TCP", "192.0.2.3", 1)))
 
 
 class SiteSettingsTests(SynchronousTestCase):

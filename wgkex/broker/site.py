@@ -44,15 +44,16 @@ The broker faces the Internet, so each connection is bounded (:class:`BrokerChan
 - **Connections** (:class:`BrokerSite`): at most ``broker.max_connections_per_address``
   at once from one address (new ones are closed at once), and at most
   ``max_connections`` in all: at that limit a new connection replaces one that
-  is waiting for a request (of the address holding the most connections, the
-  one waiting longest), so file descriptors never run out and fresh clients
-  are served.
+  has waited a second or more for a request (of the address holding the most
+  connections, the one waiting longest), or is closed at once if there is none,
+  so file descriptors never run out and fresh clients are served.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import socket
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -74,6 +75,12 @@ MAX_PIPELINED = 8
 _SLICE = 4096
 #: Seconds a connection the broker closed may take to read its last bytes before it is cut.
 ABORT_AFTER = 15.0
+#: The kernel send buffer of each connection (Linux doubles it). Left to autotuning it grows to
+#: megabytes on fast links, and a client that never reads would have that much of pipelined
+#: replies computed for it before twisted.web's own 64 KiB buffer fills and pauses the channel.
+SEND_BUFFER = 32 * 1024
+#: A connection must have waited this long (seconds) before a full site replaces it.
+REPLACE_AFTER = 1.0
 
 
 def _raw_reply(status: str, message: str) -> bytes:
@@ -131,6 +138,13 @@ class BrokerChannel(http.HTTPChannel):
     def busy(self) -> bool:
         """True while a complete request is being answered."""
         return self._busy
+
+    def connectionMade(self) -> None:
+        handle = getattr(self.transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        super().connectionMade()
 
     # -- reading, one request at a time ----------------------------------------------------
 
@@ -388,8 +402,9 @@ class BrokerSite(server.Site):
         if self.max_per_address and self.per_address[host] >= self.max_per_address:
             self.refused_connections += 1
             return None  # Twisted closes the socket at once
-        if self.max_connections and len(self._open) >= self.max_connections:
-            self._replace_one()
+        if self.max_connections and len(self._open) >= self.max_connections and not self._replace_one():
+            self.refused_connections += 1
+            return None
         channel = super().buildProtocol(addr)
         if isinstance(channel, BrokerChannel):
             channel.request_timeout = self.request_timeout
@@ -398,21 +413,25 @@ class BrokerSite(server.Site):
             self.per_address[host] += 1
         return channel
 
-    def _replace_one(self) -> None:
+    def _replace_one(self) -> bool:
         """Cut a waiting connection of the address holding the most, the longest waiting one.
 
-        Taking from the address with the most connections first keeps a flood from
-        many connections per address from pushing out clients that hold one.
+        Only connections that have waited :data:`REPLACE_AFTER` seconds qualify (a
+        client that has just connected is sending its request); taking from the
+        address with the most connections first keeps a flood from many connections
+        per address from pushing out clients that hold one. False if none qualifies.
         """
-        waiting = [c for c in self._open if not c.busy]
+        oldest = self.reactor.seconds() - REPLACE_AFTER
+        waiting = [c for c in self._open if not c.busy and c.since <= oldest]
         if not waiting:
-            return
+            return False
         victim = min(waiting, key=lambda c: (-self.per_address[self._open[c]], c.since))
         self.replaced_connections += 1
         self.forget(victim)
         transport: Any = victim.transport
         if transport is not None:
             transport.abortConnection()
+        return True
 
     def forget(self, channel: BrokerChannel) -> None:
         """``channel`` is closed (or being cut): stop counting it."""
