@@ -239,18 +239,19 @@ class FairReplacementTests(SynchronousTestCase):
         self.assertTrue(transports["flood1"].disconnecting)
         self.assertFalse(transports["single"].disconnecting)
 
-    def test_fresh_connections_are_not_replaced(self) -> None:
-        """When every open connection arrived less than a second ago, the newcomer is refused instead."""
+    def test_fresh_connections_replaced_last(self) -> None:
+        """A connection that arrived less than a second ago is replaced only when no older one waits, even a flood's."""
         clock = MemoryReactorClock()
-        site = make_site(Pages(), 4096, clock, max_per_address=10, max_connections=2)
-        for host in ("192.0.2.1", "192.0.2.2"):
+        site = make_site(Pages(), 4096, clock, max_per_address=10, max_connections=3)
+        transports = []
+        for host in ("192.0.2.1", "192.0.2.66", "192.0.2.66"):
             channel = site.buildProtocol(IPv4Address("TCP", host, 1))
             assert channel is not None
-            channel.makeConnection(StringTransport())
-        clock.advance(0.5)
-        self.assertIsNone(site.buildProtocol(IPv4Address("TCP", "192.0.2.3", 1)))
-        clock.advance(0.5)
-        self.assertIsNotNone(site.buildProtocol(IPv4Address("TCP", "192.0.2.3", 1)))
+            transports.append(StringTransport())
+            channel.makeConnection(transports[-1])
+            clock.advance(0.6 if host == "192.0.2.1" else 0.3)
+        site.buildProtocol(IPv4Address("TCP", "192.0.2.3", 1))
+        self.assertEqual([t.disconnecting for t in transports], [True, False, False])
 
 
 class SiteSettingsTests(SynchronousTestCase):

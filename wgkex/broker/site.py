@@ -44,9 +44,9 @@ The broker faces the Internet, so each connection is bounded (:class:`BrokerChan
 - **Connections** (:class:`BrokerSite`): at most ``broker.max_connections_per_address``
   at once from one address (new ones are closed at once), and at most
   ``max_connections`` in all: at that limit a new connection replaces one that
-  has waited a second or more for a request (of the address holding the most
-  connections, the one waiting longest), or is closed at once if there is none,
-  so file descriptors never run out and fresh clients are served.
+  is waiting for a request (preferably one waiting a second or more, of the
+  address holding the most connections, the longest waiting), so file
+  descriptors never run out and fresh clients are served.
 """
 
 from __future__ import annotations
@@ -402,9 +402,8 @@ class BrokerSite(server.Site):
         if self.max_per_address and self.per_address[host] >= self.max_per_address:
             self.refused_connections += 1
             return None  # Twisted closes the socket at once
-        if self.max_connections and len(self._open) >= self.max_connections and not self._replace_one():
-            self.refused_connections += 1
-            return None
+        if self.max_connections and len(self._open) >= self.max_connections:
+            self._replace_one()
         channel = super().buildProtocol(addr)
         if isinstance(channel, BrokerChannel):
             channel.request_timeout = self.request_timeout
@@ -413,25 +412,24 @@ class BrokerSite(server.Site):
             self.per_address[host] += 1
         return channel
 
-    def _replace_one(self) -> bool:
-        """Cut a waiting connection of the address holding the most, the longest waiting one.
+    def _replace_one(self) -> None:
+        """Cut a connection waiting for a request, chosen so that normal clients are spared.
 
-        Only connections that have waited :data:`REPLACE_AFTER` seconds qualify (a
-        client that has just connected is sending its request); taking from the
-        address with the most connections first keeps a flood from many connections
-        per address from pushing out clients that hold one. False if none qualifies.
+        First those that have waited :data:`REPLACE_AFTER` seconds or more (a client
+        that has just connected is sending its request); among them, those of the
+        address holding the most connections (a flood of many connections per address
+        does not push out clients holding one); then the one waiting longest.
         """
-        oldest = self.reactor.seconds() - REPLACE_AFTER
-        waiting = [c for c in self._open if not c.busy and c.since <= oldest]
+        fresh = self.reactor.seconds() - REPLACE_AFTER
+        waiting = [c for c in self._open if not c.busy]
         if not waiting:
-            return False
-        victim = min(waiting, key=lambda c: (-self.per_address[self._open[c]], c.since))
+            return
+        victim = min(waiting, key=lambda c: (c.since > fresh, -self.per_address[self._open[c]], c.since))
         self.replaced_connections += 1
         self.forget(victim)
         transport: Any = victim.transport
         if transport is not None:
             transport.abortConnection()
-        return True
 
     def forget(self, channel: BrokerChannel) -> None:
         """``channel`` is closed (or being cut): stop counting it."""
