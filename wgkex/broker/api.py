@@ -42,8 +42,8 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
 from wgkex.broker import status as status_page
-from wgkex.broker.history import History
 from wgkex.broker.cache import RenderCache
+from wgkex.broker.history import History
 from wgkex.broker.keylists import KeyLists
 from wgkex.broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from wgkex.broker.metrics import BrokerMetrics
