@@ -7,6 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := mosquitto wireguard-go wireguard-tools iproute2 iputils-ping procps
 TRIAL_JOBS ?= 2
+# Heavy test packages run after the main suite in one trial process: they would
+# otherwise start once per trial worker and starve the timing-sensitive tests of CPU.
+HEAVY_TESTS := tests.cluster
+MAIN_TESTS = $(filter-out $(HEAVY_TESTS) tests.support,$(subst /,.,$(patsubst %/__init__.py,%,$(wildcard tests/*/__init__.py))))
 
 .PHONY: all deps venv test test-tools browser unit demo lab-up lab-down lab-status bench typecheck clean
 
@@ -22,6 +26,8 @@ deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  case " $$missing " in *" rabbitmq-server "*) \
+	    $$SUDO systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true;; esac; \
 	fi
 
 $(BIN)/python:
@@ -33,9 +39,14 @@ $(VENV)/.installed: setup.py $(BIN)/python
 
 venv: $(VENV)/.installed
 
+# The cluster suite (tests/cluster) runs RabbitMQ nodes of its own; the distribution's
+# node is stopped right after installing. Only `make test` installs it (with Erlang about
+# 60 MB; a minute here).
+test: APT_PACKAGES += rabbitmq-server
 test: deps venv test-tools
 	$(BIN)/mypy wgkex
-	$(BIN)/trial --jobs=$(TRIAL_JOBS) tests
+	$(BIN)/trial --jobs=$(TRIAL_JOBS) $(MAIN_TESTS)
+	$(BIN)/trial --temp-directory=_trial_temp.heavy $(HEAVY_TESTS)
 
 # Tools only tests need: Debian's chromium (the status page's browser test) and promtool
 # (the alert rules), taken from Debian's prometheus package without installing the server.

@@ -30,7 +30,6 @@ dead server would.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import secrets
 import shutil
@@ -47,7 +46,7 @@ from tests.support.rabbitmq import RabbitCluster
 from wgkex.keys import lladdr
 from wgkex.lab.configs import broker_config, write_config
 from wgkex.lab.gateway import BRIDGE, Gateway, twistd
-from wgkex.lab.lab import DOMAIN, PREFIXES, VNI, http_get
+from wgkex.lab.lab import DOMAIN, PREFIXES, VNI, broker_status, worker_rows
 from wgkex.lab.mosquitto import free_port
 from wgkex.lab.netns import NETNS_DIR, Namespace, add_bridge
 from wgkex.lab.proc import LabError, Proc, spawn, wait_until
@@ -80,19 +79,7 @@ class BrokerProc:
 
     def status(self) -> dict[str, Any]:
         """``/api/v1/status`` ({} when it does not answer)."""
-        code, body = http_get(self.url + "/api/v1/status")
-        if code != 200:
-            return {}
-        try:
-            value = json.loads(body)
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
-
-    def rows(self, domain: str = DOMAIN) -> dict[str, dict[str, Any]]:
-        """The status rows of ``domain``, by worker name."""
-        rows = self.status().get("domains", {}).get(domain, {}).get("workers", [])
-        return {r["name"]: r for r in rows if isinstance(r, dict) and "name" in r}
+        return broker_status(self.url)
 
 
 class ClusterLab:
@@ -222,7 +209,7 @@ class ClusterLab:
             status = broker.status()
             if not status.get("mqtt", {}).get("connected"):
                 return False
-            rows = {r["name"]: r for r in status.get("domains", {}).get(self.domain, {}).get("workers", [])}
+            rows = worker_rows(status, self.domain)
             for name in self.gateway_names:
                 row = rows.get(name)
                 if row is None or not row.get("eligible"):

@@ -33,8 +33,8 @@ Facts this harness is built on (verified with Debian's 3.10.8 here; see the
   documents that it needs a majority. With two nodes the survivor still
   accepts connections, but a killed node started again stalls about 100 s in
   the plugin's start (asking the leaderless survivor for the Raft members)
-  before it serves MQTT; with three nodes it is back at once. ``wait_ready``
-  connects over MQTT.
+  before it serves MQTT; with three nodes the survivors keep a Raft leader and
+  a restarted node does not wait for one. ``wait_ready`` connects over MQTT.
 * An MQTT persistent session's queue (``mqtt-subscription-<client id>qos1``)
   is a classic queue on the node the client first connected to; the policy
   :data:`MIRROR_POLICY` mirrors it to every node so it survives that node.

@@ -70,6 +70,24 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, b""
 
 
+def broker_status(broker_url: str) -> dict[str, Any]:
+    """``GET /api/v1/status`` of the broker at ``broker_url`` ({} when it does not answer)."""
+    status, body = http_get(broker_url + "/api/v1/status")
+    if status != 200:
+        return {}
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def worker_rows(status: Mapping[str, Any], domain: str) -> dict[str, dict[str, Any]]:
+    """The rows of ``domain`` in a broker status, by worker name."""
+    rows = status.get("domains", {}).get(domain, {}).get("workers", [])
+    return {row["name"]: row for row in rows if isinstance(row, dict) and "name" in row}
+
+
 class Lab:
     """One lab; nothing happens until :meth:`up`."""
 
@@ -261,19 +279,11 @@ class Lab:
 
     def broker_status(self) -> dict[str, Any]:
         """``GET /api/v1/status`` of the broker ({} when it does not answer)."""
-        status, body = http_get(self.broker_url + "/api/v1/status")
-        if status != 200:
-            return {}
-        try:
-            value = json.loads(body)
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
+        return broker_status(self.broker_url)
 
     def worker_rows(self) -> dict[str, dict[str, Any]]:
         """The broker's rows for the lab's domain, by worker name."""
-        domain = self.broker_status().get("domains", {}).get(self.domain, {})
-        return {row["name"]: row for row in domain.get("workers", []) if isinstance(row, dict) and "name" in row}
+        return worker_rows(self.broker_status(), self.domain)
 
     def wait_broker_ready(self, timeout: float = 15.0) -> None:
         """Until ``/readyz`` answers 200 (the broker is connected to MQTT)."""
