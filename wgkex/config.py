@@ -23,6 +23,7 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
+from wgkex.contract import host_problem, worker_name_problem
 from wgkex.keys import key_problem
 
 DEFAULT_PATH = "/etc/wgkex.yaml"
@@ -500,8 +501,17 @@ def parse_config(
         keep_keys=_read_key_list(top, "keep_keys"),
         max_batch=top.integer("max_batch", 10_000, 1),
     )
-    if not worker.name or "/" in worker.name or "+" in worker.name or "#" in worker.name:
-        raise top.fail("worker_name", f"must be non-empty and free of '/', '+', '#', got {worker.name!r}")
+    # Both end up on the bus, where brokers refuse what breaks the wire contract.
+    problem = worker_name_problem(worker.name)
+    if problem is not None:
+        source = "" if "worker_name" in data else " (the host name; set worker_name)"
+        raise top.fail("worker_name", f"{problem}, got {worker.name!r}{source}")
+    if data.get("externalName") is not None:
+        # The host-name default is checked by the worker before it publishes (brokers
+        # read this file too, and their host name need not be a DNS name).
+        problem = host_problem(worker.external_name)
+        if problem is not None:
+            raise top.fail("externalName", f"{problem}, got {worker.external_name!r}")
 
     logging_config = data.get("logging_config")
     if logging_config is not None and not isinstance(logging_config, Mapping):

@@ -130,12 +130,12 @@ class Broker:
         self.clock.advance(1_700_000_000)
         self.bus = FakeBus(connected=connected)
         self.picture = WorkerPicture(self.config.domains, self.config.weight, self.clock)
-        self.tracker = WorkerTracker(self.picture, self.clock)
+        self.metrics = BrokerMetrics(self.picture, lambda: self.bus, process=False)
+        self.tracker = WorkerTracker(self.picture, self.clock, on_invalid=self.metrics.count_bus_invalid)
         self.tracker.subscribe(self.bus)
         self.lists = lists or KeyLists(None, None)
         b = self.config.broker
         self.limiter = RateLimiter(b.rate_limit, b.rate_burst, self.clock)
-        self.metrics = BrokerMetrics(self.picture, lambda: self.bus, process=False)
         self.api = BrokerApi(self.config, self.bus, self.picture, self.lists, self.limiter, self.metrics, self.clock)
         # StubTreq's request methods are attached at run time: typed as Any.
         self.treq: Any = StubTreq(self.api.resource())

@@ -19,7 +19,7 @@ from tests.unit.test_broker_fakes import FakeBus, make_config
 from wgkex import listen as listen_module
 from wgkex.broker.service import Broker, build_broker, too_large_counter, with_backlog
 from wgkex.listen import ListenService
-from wgkex.broker.workers import DATA_TOPIC, METRICS_TOPIC, STATUS_TOPIC
+from wgkex.contract import REPORT_FILTERS
 from wgkex.config import MqttConfig
 from wgkex.mqtt import MqttService
 
@@ -99,7 +99,7 @@ class TreeTests(SynchronousTestCase):
         self.assertEqual(reactor.tcpServers, [])
         self.assertEqual([s.name for s in broker.service], ["logging", "keylists", "mqtt", "sigterm", "http"])
         self.assertEqual(sorted(f for f, _, _ in broker.mqtt.subscriptions),  # type: ignore[attr-defined]
-                         sorted([STATUS_TOPIC, DATA_TOPIC, METRICS_TOPIC]))
+                         sorted(REPORT_FILTERS))
 
     def test_start_listens_with_backlog(self) -> None:
         """Starting listens on broker_listen with the configured backlog (default 1024)."""
@@ -204,7 +204,7 @@ class TreeTests(SynchronousTestCase):
         """Malformed worker messages show in the metrics by kind."""
         broker, _ = self.build()
         broker.tracker.message("wireguard-metrics/ffmuc_welt/gw/connected_peers", b"x", True)
-        self.assertIn('wgkex_broker_bus_messages_invalid_total{kind="metric"} 1.0', broker.metrics.render().decode())
+        self.assertIn('wgkex_broker_bus_messages_invalid_total{kind="metric",reason="syntax"} 1.0', broker.metrics.render().decode())
 
 
 class TapTests(SynchronousTestCase):

@@ -259,6 +259,33 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("mqtt.ca_file", self.error({**MINIMAL, "mqtt": {"tls": True, "ca_file": "/nonexistent/ca.pem"}}))
 
 
+class BusValueTests(SynchronousTestCase):
+    """What the worker publishes is checked against the wire contract at start (docs/protocol.md)."""
+
+    def error(self, data: object) -> str:
+        text = str(self.assertRaises(ConfigError, parse_config, data, "/etc/wgkex.yaml", hostname=lambda: "gw1"))
+        self.assertNotIn("\n", text)
+        return text
+
+    def test_worker_name_rule(self) -> None:
+        """worker_name must be 1-253 of A-Z a-z 0-9 . _ -, the rule brokers apply to names on the bus."""
+        for name in ("gw 1", "gw/1", "gw+", "$(reboot)", "g\u00e4teway", "x" * 254):
+            self.assertIn("worker_name: a worker name must be", self.error({**MINIMAL, "worker_name": name}))
+        self.assertEqual(parse_config({**MINIMAL, "worker_name": "gw04.in_ffmuc-net"}).worker.name, "gw04.in_ffmuc-net")
+
+    def test_host_name_default_names_its_source(self) -> None:
+        """A host name that cannot be a worker name says that it came from the host name."""
+        text = str(self.assertRaises(ConfigError, parse_config, MINIMAL, "/etc/wgkex.yaml", hostname=lambda: "my host"))
+        self.assertIn("(the host name; set worker_name)", text)
+
+    def test_external_name_rule(self) -> None:
+        """externalName must be a DNS host name or an IP address literal, as brokers require of the data message."""
+        for name in ("$(reboot)", "http://gw1/", "gw1.example.net.", "gw_1.example.net", "fe80::1%eth0"):
+            self.assertIn("externalName: must be a DNS host name", self.error({**MINIMAL, "externalName": name}))
+        for name in ("gw04.ext.ffmuc.net", "192.0.2.1", "2001:db8::1"):
+            self.assertEqual(parse_config({**MINIMAL, "externalName": name}).worker.external_name, name)
+
+
 class PathTests(SynchronousTestCase):
     def test_order(self) -> None:
         """--config wins over $WGKEX_CONFIG_FILE, which wins over /etc/wgkex.yaml."""

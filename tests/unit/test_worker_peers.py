@@ -25,10 +25,9 @@ from tests.unit.test_worker_fakes import (
 )
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
-from wgkex.worker.peers import CHUNK, Interfaces, Invalid, KeyApplier, apply_domain, parse_message
+from wgkex.worker.peers import CHUNK, Interfaces, KeyApplier, apply_domain
 from wgkex.worker.pool import Backends, WireGuardThread
 
-DOMAINS = frozenset({"ffmuc_welt", "ffmuc_ost"})
 WELT = "wireguard/ffmuc_welt/all"
 OST = "wireguard/ffmuc_ost/all"
 
@@ -36,52 +35,6 @@ OST = "wireguard/ffmuc_ost/all"
 def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels or None)
     return 0.0 if value is None else value
-
-
-class ParseMessageTests(SynchronousTestCase):
-    """Every message from the bus is validated again."""
-
-    def test_valid(self) -> None:
-        """A canonical key on a configured domain's topic is accepted."""
-        self.assertEqual(parse_message(WELT, KEY_A.encode(), DOMAINS), ("ffmuc_welt", KEY_A))
-
-    def test_any_last_level(self) -> None:
-        """The last topic level is free (``wireguard/{domain}/+``)."""
-        self.assertEqual(parse_message("wireguard/ffmuc_ost/x", KEY_B.encode(), DOMAINS), ("ffmuc_ost", KEY_B))
-
-    def test_trailing_newline(self) -> None:
-        """A trailing newline (echo | mosquitto_pub) is not part of the key."""
-        self.assertEqual(parse_message(WELT, KEY_A.encode() + b"\n", DOMAINS), ("ffmuc_welt", KEY_A))
-
-    def test_unconfigured_domain(self) -> None:
-        """A domain this worker does not serve is refused."""
-        result = parse_message("wireguard/ffmuc_nord/all", KEY_A.encode(), DOMAINS)
-        self.assertIsInstance(result, Invalid)
-        assert isinstance(result, Invalid)
-        self.assertEqual(result.reason, "domain")
-
-    def test_bad_topic(self) -> None:
-        """Topics of the wrong shape are refused."""
-        for topic in ("wireguard/ffmuc_welt", "wireguard/ffmuc_welt/a/b", "other/ffmuc_welt/all"):
-            result = parse_message(topic, KEY_A.encode(), DOMAINS)
-            assert isinstance(result, Invalid)
-            self.assertEqual(result.reason, "topic")
-
-    def test_garbage_payloads(self) -> None:
-        """Non-ASCII, non-base64, wrong length, non-canonical and weak keys are refused."""
-        bad = [
-            b"\xff\xfe",
-            b"",
-            b"not a key",
-            KEY_A[:-2].encode() + b"==",
-            (KEY_A[:42] + "B=").encode(),  # non-canonical last character
-            b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",  # the all-zero (low-order) point
-            b"x" * 10_000,
-            KEY_A.encode() + b" " + KEY_B.encode(),
-        ]
-        for payload in bad:
-            result = parse_message(WELT, payload, DOMAINS)
-            self.assertIsInstance(result, Invalid, payload[:50])
 
 
 class ApplierTests(SynchronousTestCase):

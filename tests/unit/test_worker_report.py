@@ -22,6 +22,7 @@ from tests.unit.test_worker_fakes import (
     make_config,
 )
 from wgkex.broker.workers import WorkerPicture
+from wgkex.config import parse_config
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.report import Reporter, count_peers
 
@@ -106,6 +107,19 @@ class ReporterTests(SynchronousTestCase):
         self.bus.published.clear()
         self.reporter.reannounce()
         self.assertEqual(self.bus.published, [])
+
+    def test_data_brokers_would_refuse_is_not_published(self) -> None:
+        """An externalName defaulting to a host name that is no DNS name: no data published, the reason logged."""
+        config = parse_config({"domains": ["ffmuc_welt"], "domain_prefixes": ["ffmuc_"], "worker_name": "gw1"},
+                              "test.yaml", hostname=lambda: "gw_1")
+        reporter = Reporter(config, self.bus, SyncPool(self.backends), self.metrics, self.clock)
+        self.bus.connect()
+        with capturedLogs() as events:
+            self.successResultOf(reporter.on_connect())
+        self.assertEqual([t for t, _, _, _ in self.bus.published], [STATUS, METRIC_WELT])
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn("ExternalAddress", warning["problem"])
+        self.assertIn("gw_1", warning["problem"])
 
     def test_connected_peer_count(self) -> None:
         """Only peers with a handshake within 180 s count as connected."""

@@ -52,7 +52,7 @@ from wgkex.broker.workers import WorkerPicture
 from wgkex.bus import Bus, QueueFull
 from wgkex.config import Config
 from wgkex.keys import key_problem
-from wgkex.topics import key_topic
+from wgkex.contract import encode_key, key_topic
 
 JSON = b"application/json"
 HTML = b"text/html; charset=utf-8"
@@ -291,7 +291,7 @@ class BrokerApi:
         bus = self.bus
         connected = bus.connected
         try:
-            d = bus.publish(key_topic(domain), key.encode("ascii"), qos=1)
+            d = bus.publish(key_topic(domain), encode_key(key), qos=1)
         except QueueFull:
             self.metrics.queue_full.inc()
             raise Refused(

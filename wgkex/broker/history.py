@@ -25,8 +25,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from wgkex.broker.workers import BadMessage, parse_metric
 from wgkex.bus import Bus, MessageCallback
+from wgkex.contract import Refused, decode_connected_peers, report_topic
 
 #: Minutes of history kept and shown.
 MINUTES = 60
@@ -150,14 +150,15 @@ class History:
         Malformed reports are skipped quietly: the worker tracker, subscribed to
         the same topics, counts and logs them.
         """
-        parts = topic.split("/")
-        if len(parts) != 4 or not parts[2] or not payload:
+        if not payload:
             return
         try:
-            peers = parse_metric(payload)
-        except BadMessage:
+            where = report_topic(topic)
+            peers = decode_connected_peers(payload)
+        except Refused:
             return
-        self.peers_reported(parts[2], parts[1], peers)
+        if where.kind == "metric" and where.domain is not None:
+            self.peers_reported(where.worker, where.domain, peers)
 
     def snapshot(self) -> dict[str, Any]:
         """The last hour as JSON-able data (the ``history`` section of ``/api/v1/status``)."""

@@ -24,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from wgkex.broker.workers import WorkerPicture
 from wgkex.bus import Bus
+from wgkex.contract import Refused
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -116,7 +117,10 @@ class BrokerMetrics:
             "wgkex_broker_v2_choices", "Workers chosen for v2 replies", ["worker", "domain"], registry=r
         )
         self.bus_invalid = Counter(
-            "wgkex_broker_bus_messages_invalid", "Malformed worker messages ignored, by kind", ["kind"], registry=r
+            "wgkex_broker_bus_messages_invalid",
+            "Worker reports refused by the wire contract, by kind and reason (docs/protocol.md)",
+            ["kind", "reason"],
+            registry=r,
         )
         r.register(_LiveCollector(bus, picture))
         if process:
@@ -134,6 +138,10 @@ class BrokerMetrics:
         child.inc()
         if seconds is not None:
             self._latency_children[endpoint].observe(seconds)
+
+    def count_bus_invalid(self, refused: Refused) -> None:
+        """Count one refused worker report (both labels come from the contract's fixed sets)."""
+        self.bus_invalid.labels(refused.kind, refused.reason).inc()
 
     def render(self) -> bytes:
         """The text exposition of every metric of this broker."""

@@ -33,8 +33,9 @@ from wgkex.broker.keylists import KeyLists, KeyListService
 from wgkex.broker.metrics import BrokerMetrics
 from wgkex.broker.ratelimit import RateLimiter
 from wgkex.broker.site import BrokerSite, make_site
-from wgkex.broker.workers import METRICS_TOPIC, WorkerPicture, WorkerTracker
+from wgkex.broker.workers import WorkerPicture, WorkerTracker
 from wgkex.config import Config
+from wgkex.contract import METRICS_FILTER
 from wgkex.listen import ListenService, with_backlog
 from wgkex.logs import LoggingService
 from wgkex.mqtt import MqttService
@@ -105,9 +106,9 @@ def build_broker(
     mqtt = mqtt_factory(reactor, config.mqtt, name="mqtt")
     picture = WorkerPicture(config.domains, config.weight, clock)
     metrics = BrokerMetrics(picture, lambda: mqtt)
-    tracker = WorkerTracker(picture, clock, on_invalid=lambda kind: metrics.bus_invalid.labels(kind).inc())
+    tracker = WorkerTracker(picture, clock, on_invalid=metrics.count_bus_invalid)
     history = History(config.domains, clock)
-    tracker.subscribe(AlsoTo(mqtt, METRICS_TOPIC, history.on_metric))
+    tracker.subscribe(AlsoTo(mqtt, METRICS_FILTER, history.on_metric))
     lists = KeyLists(b.key_blocklist, b.key_allowlist)
     limiter = RateLimiter(b.rate_limit, b.rate_burst, clock)
     api = BrokerApi(config, mqtt, picture, lists, limiter, metrics, clock, history)

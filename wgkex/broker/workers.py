@@ -1,24 +1,31 @@
 """The broker's picture of the workers, built only from MQTT messages.
 
-Workers publish three kinds of retained messages (docs/protocol.md, "MQTT"):
+Workers publish three kinds of retained reports (docs/protocol.md, "MQTT"),
+decoded by :mod:`wgkex.contract`:
 
 - ``wireguard-worker/{worker}/status``: ``1`` online, ``0`` offline (also the last will);
 - ``wireguard-worker/{worker}/{domain}/data``: JSON with ExternalAddress, Port, PublicKey, LinkAddress;
-- ``wireguard-metrics/{domain}/{worker}/connected_peers``: an integer, ``-1`` on shutdown.
+- ``wireguard-metrics/{domain}/{worker}/connected_peers``: ``-1`` or 0..10,000,000.
 
 :class:`WorkerPicture` is the pure state (fed with topic + payload, asked for
 v2 candidates); :class:`WorkerTracker` is the thin binding that subscribes it
-to an MQTT service. Because the messages are retained, a broker that starts
+to an MQTT service. Because the reports are retained, a broker that starts
 after the workers gets the whole picture at once, and several brokers on one
 bus hold the same picture without talking to each other.
 
-Payloads from the bus are untrusted: anything malformed (non-integer metric,
-non-JSON or wrongly typed data, unknown domain, empty names) is refused with a
-reason, counted per kind and logged (at most one line per kind and interval),
-and never changes the picture. An empty payload is how a retained message is
-deleted on MQTT, so it clears what it stood for (never an error, even for a
-worker or domain not known here); a worker with none of its messages left is
-forgotten, exactly as a broker started afterwards would not know it.
+The rule for what the bus says: the picture is always what a broker started
+right now would build from the retained reports. So
+
+- an empty payload (how a retained message is deleted on MQTT) clears what its
+  topic stood for, never an error; a worker with none of its reports left is
+  forgotten;
+- a report the contract refuses (:class:`~wgkex.contract.Refused`: counted by
+  kind and reason, logged at most once per kind and interval) on a well-formed
+  topic *also* clears what that topic stood for: invalid data leaves the worker
+  without data for the domain, an invalid count without a count, an invalid
+  status offline. The worker stays ineligible until it sends a valid report;
+- a report refused for its topic (shape, worker name, a domain not served
+  here, beyond :data:`MAX_WORKERS`) changes nothing.
 
 While the bus is down the picture is kept as it was: v2 keeps answering from
 the last known state, and the retained messages re-sent on reconnect bring it
@@ -27,55 +34,22 @@ up to date.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from wgkex import contract
 from wgkex.broker.selection import Candidate, choose
-from wgkex import topics
 from wgkex.bus import Bus
-from wgkex.keys import key_problem
+from wgkex.contract import Endpoint, Refused, ReportTopic
 
-STATUS_TOPIC = topics.STATUS_FILTER
-DATA_TOPIC = topics.DATA_FILTER
-METRICS_TOPIC = topics.METRICS_FILTER
+__all__ = ["Endpoint", "MAX_WORKERS", "Refused", "WorkerPicture", "WorkerState", "WorkerTracker"]
 
 #: How many distinct worker names the picture holds; beyond that new names are refused,
 #: so a misbehaving client on the bus cannot grow the broker's memory without bound.
 MAX_WORKERS = 4096
-
-
-class BadMessage(ValueError):
-    """A bus message that cannot be used; ``kind`` is its metric label, the text says why."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """What a worker tells routers of domain D to connect to (its ``data`` message)."""
-
-    address: str
-    port: int
-    public_key: str
-    link_address: str
-
-    def reply(self) -> dict[str, object]:
-        """The v2 reply body as Gluon reads it (Port as a string, as the original sends)."""
-        return {
-            "Endpoint": {
-                "Address": self.address,
-                "Port": str(self.port),
-                "AllowedIPs": [self.link_address],
-                "PublicKey": self.public_key,
-            }
-        }
 
 
 @dataclass
@@ -105,59 +79,14 @@ class WorkerState:
         """Nothing about this worker is retained on the bus any more."""
         return not self.has_status and not self.data and not self.peers
 
-
-def parse_endpoint(payload: bytes) -> Endpoint:
-    """Validate a ``data`` payload; raise :class:`BadMessage` saying what is wrong."""
-    try:
-        value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BadMessage("data", "payload is not UTF-8 JSON") from None
-    if not isinstance(value, dict):
-        raise BadMessage("data", f"payload must be a JSON object, got {type(value).__name__}")
-    address = value.get("ExternalAddress")
-    port = value.get("Port")
-    public_key = value.get("PublicKey")
-    link = value.get("LinkAddress")
-    if not isinstance(address, str) or not address or len(address) > 253 or any(c.isspace() for c in address):
-        raise BadMessage("data", "ExternalAddress must be a non-empty host name or address")
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise BadMessage("data", "Port must be an integer in 1..65535")
-    problem = key_problem(public_key)
-    if problem is not None:
-        raise BadMessage("data", f"PublicKey: {problem}")
-    assert isinstance(public_key, str)
-    if not isinstance(link, str):
-        raise BadMessage("data", "LinkAddress must be a string")
-    try:
-        ipaddress.IPv6Address(link)
-    except ValueError:
-        raise BadMessage("data", "LinkAddress must be an IPv6 address") from None
-    return Endpoint(address, port, public_key, link)
-
-
-def parse_metric(payload: bytes) -> int:
-    """Validate a ``connected_peers`` payload: an integer >= -1."""
-    try:
-        value = int(payload.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise BadMessage("metric", "connected_peers must be an integer") from None
-    if value < -1:
-        raise BadMessage("metric", f"connected_peers must be >= -1, got {value}")
-    return value
-
-
-def parse_status(payload: bytes) -> bool:
-    """Validate a ``status`` payload: ``1`` online, ``0`` offline."""
-    text = payload.strip()
-    if text == b"1":
-        return True
-    if text == b"0":
-        return False
-    raise BadMessage("status", "status must be 1 or 0")
-
-
-def _valid_name(name: str) -> bool:
-    return bool(name) and name.isprintable() and len(name) <= 255
+    def clear(self, where: ReportTopic) -> None:
+        """Forget what the report topic ``where`` said about this worker."""
+        if where.kind == "status":
+            self.online = self.has_status = False
+        elif where.kind == "data":
+            self.data.pop(where.domain or "", None)
+        else:
+            self.peers.pop(where.domain or "", None)
 
 
 class WorkerPicture:
@@ -175,91 +104,65 @@ class WorkerPicture:
         self._clock = clock
         self._max_workers = max_workers
         self.workers: dict[str, WorkerState] = {}
-        #: kind -> number of refused messages
-        self.invalid: dict[str, int] = {}
+        #: (kind, reason) -> number of refused reports
+        self.invalid: dict[tuple[str, str], int] = {}
 
     # -- feeding -------------------------------------------------------------------------
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Apply one bus message; raise :class:`BadMessage` (picture unchanged) if unusable."""
-        parts = topic.split("/")
-        if len(parts) == 3 and parts[0] == "wireguard-worker" and parts[2] == "status":
-            self._status(parts[1], payload)
-        elif len(parts) == 4 and parts[0] == "wireguard-worker" and parts[3] == "data":
-            self._data(parts[1], parts[2], payload)
-        elif len(parts) == 4 and parts[0] == "wireguard-metrics" and parts[3] == "connected_peers":
-            self._metric(parts[2], parts[1], payload)
-        else:
-            raise BadMessage("topic", f"unexpected topic {topic[:100]!r}")
+        """Apply one report; raise :class:`Refused` if the contract refuses it (see the module rule)."""
+        where = contract.report_topic(topic)
+        state = self.workers.get(where.worker)
+        if not payload:
+            # A deleted retained message, of any domain: forget what it said.
+            if state is not None:
+                self._clear(state, where)
+            return
+        contract.check_domain(where, self.domains)
+        try:
+            self._apply(where, payload, state)
+        except Refused:
+            if state is not None:
+                self._clear(state, where)
+            raise
 
-    def _worker(self, name: str, kind: str) -> WorkerState:
-        if not _valid_name(name):
-            raise BadMessage(kind, "empty or unprintable worker name")
-        state = self.workers.get(name)
+    def _apply(self, where: ReportTopic, payload: bytes, state: WorkerState | None) -> None:
+        if where.kind == "status":
+            online = contract.decode_status(payload)
+            state = self._known(where, state)
+            state.online = online
+            state.has_status = True
+        elif where.kind == "data":
+            assert where.domain is not None
+            endpoint = contract.decode_data(payload)
+            self._known(where, state).data[where.domain] = endpoint
+        else:
+            assert where.domain is not None
+            count = contract.decode_connected_peers(payload)
+            self._known(where, state).peers[where.domain] = count
+
+    def _known(self, where: ReportTopic, state: WorkerState | None) -> WorkerState:
+        """The worker's state (created now, within :data:`MAX_WORKERS`), marked as just heard from."""
         if state is None:
             if len(self.workers) >= self._max_workers:
-                raise BadMessage(kind, f"more than {self._max_workers} workers; ignoring new name")
-            state = self.workers[name] = WorkerState(name)
+                raise Refused(
+                    where.kind, "too_many_workers", f"more than {self._max_workers} workers; ignoring a new name"
+                )
+            state = self.workers[where.worker] = WorkerState(where.worker)
+        state.last_seen = self._clock.seconds()
         return state
 
-    def _domain(self, domain: str, kind: str) -> None:
-        if domain not in self.domains:
-            raise BadMessage(kind, f"domain {domain[:100]!r} is not configured on this broker")
-
-    def _cleared(self, name: str) -> WorkerState | None:
-        """The worker an empty payload (a deleted retained message) is about, if known."""
-        state = self.workers.get(name)
-        if state is not None:
-            state.last_seen = self._clock.seconds()
-        return state
-
-    def _forget_if_gone(self, state: WorkerState) -> None:
-        # Once all its retained messages are deleted a broker started now would not
-        # know the worker either (a decommissioned gateway): drop it.
+    def _clear(self, state: WorkerState, where: ReportTopic) -> None:
+        state.last_seen = self._clock.seconds()
+        state.clear(where)
         if state.forgotten():
+            # A broker started now would not know the worker either (e.g. a
+            # decommissioned gateway whose reports were deleted): drop it.
             del self.workers[state.name]
 
-    def _status(self, name: str, payload: bytes) -> None:
-        if payload == b"":
-            state = self._cleared(name)
-            if state is not None:
-                state.online = state.has_status = False
-                self._forget_if_gone(state)
-            return
-        online = parse_status(payload)
-        state = self._worker(name, "status")
-        state.online = online
-        state.has_status = True
-        state.last_seen = self._clock.seconds()
-
-    def _data(self, name: str, domain: str, payload: bytes) -> None:
-        if payload == b"":
-            state = self._cleared(name)
-            if state is not None:
-                state.data.pop(domain, None)
-                self._forget_if_gone(state)
-            return
-        self._domain(domain, "data")
-        endpoint = parse_endpoint(payload)
-        state = self._worker(name, "data")
-        state.data[domain] = endpoint
-        state.last_seen = self._clock.seconds()
-
-    def _metric(self, name: str, domain: str, payload: bytes) -> None:
-        if payload == b"":
-            state = self._cleared(name)
-            if state is not None:
-                state.peers.pop(domain, None)
-                self._forget_if_gone(state)
-            return
-        self._domain(domain, "metric")
-        value = parse_metric(payload)
-        state = self._worker(name, "metric")
-        state.peers[domain] = value
-        state.last_seen = self._clock.seconds()
-
-    def count_invalid(self, kind: str) -> None:
-        self.invalid[kind] = self.invalid.get(kind, 0) + 1
+    def count_invalid(self, refused: Refused) -> None:
+        key = (refused.kind, refused.reason)
+        self.invalid[key] = self.invalid.get(key, 0) + 1
 
     # -- asking --------------------------------------------------------------------------
 
@@ -303,7 +206,7 @@ class WorkerPicture:
 
 
 class WorkerTracker:
-    """Subscribes a :class:`WorkerPicture` to the worker topics; logs and counts bad messages."""
+    """Subscribes a :class:`WorkerPicture` to the worker reports; logs and counts refused ones."""
 
     log = Logger()
 
@@ -311,7 +214,7 @@ class WorkerTracker:
         self,
         picture: WorkerPicture,
         clock: IReactorTime,
-        on_invalid: Callable[[str], None] | None = None,
+        on_invalid: Callable[[Refused], None] | None = None,
         log_interval: float = 60.0,
     ) -> None:
         self.picture = picture
@@ -322,21 +225,22 @@ class WorkerTracker:
         self._last_logged: dict[str, tuple[float, int]] = {}
 
     def subscribe(self, bus: Bus) -> None:
-        for topic in (STATUS_TOPIC, DATA_TOPIC, METRICS_TOPIC):
-            bus.subscribe(topic, 1, self.message)
+        for topic_filter in contract.REPORT_FILTERS:
+            bus.subscribe(topic_filter, 1, self.message)
 
     def message(self, topic: str, payload: bytes, retained: bool) -> None:
-        """MQTT callback: apply a message; a bad one is counted and logged, never raised."""
+        """MQTT callback: apply a report; a refused one is counted and logged, never raised."""
         try:
             self.picture.handle(topic, payload)
-        except BadMessage as exc:
-            self.picture.count_invalid(exc.kind)
+        except Refused as refused:
+            self.picture.count_invalid(refused)
             if self._on_invalid is not None:
-                self._on_invalid(exc.kind)
-            self._complain(exc.kind, topic, str(exc))
+                self._on_invalid(refused)
+            self._complain(refused, topic)
 
-    def _complain(self, kind: str, topic: str, reason: str) -> None:
-        """Log a refused message, at most once per kind and interval (with a suppressed count)."""
+    def _complain(self, refused: Refused, topic: str) -> None:
+        """Log a refused report, at most once per kind and interval (with a suppressed count)."""
+        kind = refused.kind
         now = self._clock.seconds()
         last = self._last_logged.get(kind)
         if last is not None and now - last[0] < self._log_interval:
@@ -347,7 +251,7 @@ class WorkerTracker:
         self.log.warn(
             "Ignoring {kind} message on {topic}: {reason} ({suppressed} similar messages not logged)",
             kind=kind,
-            topic=topic[:200],
-            reason=reason,
+            topic=contract.shown(topic, 200),
+            reason=str(refused),
             suppressed=suppressed,
         )

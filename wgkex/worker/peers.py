@@ -1,8 +1,9 @@
 """The apply path: keys from the bus become WireGuard peers, /128 routes and VXLAN FDB entries.
 
 On the reactor, :class:`KeyApplier` receives every message of
-``wireguard/{domain}/+``, validates topic, domain and key again (the bus is
-untrusted; refusals are counted and logged at most once per 10 s) and queues
+``wireguard/{domain}/+``, validates topic, domain and key again with
+:func:`wgkex.contract.decode_key_message` (the bus is untrusted; refusals are
+counted by reason and logged at most once per 10 s) and queues
 the key. At most one batch is in the netlink pool at a time; keys arriving
 meanwhile wait in an insertion-ordered set (a key already waiting is dropped as
 a duplicate) and become the next batch, at most ``max_batch`` keys. So a burst
@@ -41,7 +42,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wgkex.config import Config
-from wgkex.keys import key_problem, lladdr
+from wgkex.contract import Refused, decode_key_message
+from wgkex.keys import lladdr
 from wgkex.worker.backend import BackendError, InterfaceMissing, PeersFailed, WireGuard
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
@@ -97,34 +99,6 @@ class LastBatch:
     seconds: float
     #: Clock time it finished.
     at: float
-
-
-@dataclass(frozen=True)
-class Invalid:
-    """A bus message refused before it reaches the kernel."""
-
-    reason: str  # one of metrics.INVALID_REASONS
-    message: str
-
-
-def parse_message(topic: str, payload: bytes, domains: frozenset[str]) -> tuple[str, str] | Invalid:
-    """``(domain, key)`` from a message on ``wireguard/{domain}/+``, or why it is refused."""
-    parts = topic.split("/")
-    if len(parts) != 3 or parts[0] != "wireguard":
-        return Invalid("topic", f"unexpected topic {topic[:80]!r}")
-    domain = parts[1]
-    if domain not in domains:
-        return Invalid("domain", f"domain {domain[:80]!r} is not configured on this worker")
-    try:
-        text = payload.decode("ascii")
-    except UnicodeDecodeError:
-        return Invalid("payload", f"payload on {topic[:80]!r} is not ASCII ({len(payload)} bytes)")
-    # Tolerate a trailing newline (`echo $key | mosquitto_pub -l`): whitespace is never part of a key.
-    key = text.strip()
-    problem = key_problem(key)
-    if problem is not None:
-        return Invalid("key", f"{problem}: {key[:60]!r} on {topic[:80]!r}")
-    return domain, key
 
 
 def _add_peers(
@@ -307,12 +281,12 @@ class KeyApplier:
     def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """MQTT callback for ``wireguard/{domain}/+`` (reactor thread)."""
         self._metrics.keys_received.inc()
-        parsed = parse_message(topic, payload, self._domains)
-        if isinstance(parsed, Invalid):
-            self._metrics.keys_invalid.labels(reason=parsed.reason).inc()
-            self._invalid_log.warn("Ignoring invalid message from the bus: {problem}", problem=parsed.message)
+        try:
+            domain, key = decode_key_message(topic, payload, self._domains)
+        except Refused as refused:
+            self._metrics.keys_invalid.labels(reason=refused.reason).inc()
+            self._invalid_log.warn("Ignoring invalid message from the bus: {problem}", problem=str(refused))
             return
-        domain, key = parsed
         if key == self._own_key(domain):
             # Anyone can post it (every v2 reply carries it); as a "peer" it would only
             # leave a route and an FDB entry to the gateway's own address behind.

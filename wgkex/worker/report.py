@@ -1,6 +1,7 @@
 """What the worker tells the broker: status, per-domain data and connected-peer counts.
 
-Topics and payloads (docs/protocol.md, "MQTT"), all QoS 1 and retained:
+Topics and payloads (docs/protocol.md, "MQTT"; encoded by :mod:`wgkex.contract`),
+all QoS 1 and retained:
 
 * ``wireguard-worker/{worker}/status``: ``1`` on every (re)connect and with
   every metrics report, ``0`` on shutdown (and as the last will, set up by the
@@ -28,7 +29,6 @@ original wgkex read them as before.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -38,7 +38,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wgkex.config import Config
-from wgkex.topics import data_topic, metric_topic, status_topic
+from wgkex.contract import (
+    NOT_ELIGIBLE,
+    Endpoint,
+    data_topic,
+    encode_connected_peers,
+    encode_data,
+    encode_status,
+    metric_topic,
+    status_topic,
+)
 from wgkex.worker.backend import InterfaceMissing
 from wgkex.bus import Bus
 from wgkex.worker.metrics import WorkerMetrics
@@ -63,18 +72,6 @@ class PeerCount:
 
     total: int
     connected: int
-
-
-def data_payload(external_address: str, data: DomainData) -> bytes:
-    """The retained data message of one domain, exactly as the broker (and the original) reads it."""
-    return json.dumps(
-        {
-            "ExternalAddress": external_address,
-            "Port": data.listen_port,
-            "PublicKey": data.public_key,
-            "LinkAddress": data.link_address,
-        }
-    ).encode("ascii")
 
 
 def read_domain_data(backends: Backends, interfaces: Mapping[str, str]) -> dict[str, DomainData | str]:
@@ -160,7 +157,7 @@ class Reporter:
 
     def on_connect(self) -> Deferred[None]:
         """After every (re)connect: status 1, then the data of every domain, then the counts."""
-        self._publish(status_topic(self._worker), b"1")
+        self._publish(status_topic(self._worker), encode_status(True))
         d = self.publish_data(self._domains)
         d.addBoth(lambda _: self.publish_counts())
         return d
@@ -174,8 +171,17 @@ class Reporter:
         d.addErrback(self._log_failure, "reading interface data")
         return d
 
+    def _endpoint(self, data: DomainData) -> Endpoint:
+        return Endpoint(self._external, data.listen_port, data.public_key, data.link_address)
+
     def _got_data(self, results: Mapping[str, DomainData | str]) -> None:
         for domain, data in results.items():
+            payload = b""
+            if not isinstance(data, str):
+                try:
+                    payload = encode_data(self._endpoint(data))
+                except ValueError as exc:  # brokers would refuse it: say so instead of publishing
+                    data = f"its data would break the protocol: {exc}"
             if isinstance(data, str):
                 self._data_missing.add(domain)
                 # Log a problem once, not with every retry.
@@ -192,18 +198,19 @@ class Reporter:
                 self.log.info("Domain {domain} is available again", domain=domain)
             self._data_missing.discard(domain)
             if self._bus.connected:
-                self._publish(data_topic(self._worker, domain), data_payload(self._external, data))
+                self._publish(data_topic(self._worker, domain), payload)
                 self.published_data[domain] = data
 
     def reannounce(self) -> None:
         """Publish status 1 and every available domain's data (as last published) again, when connected."""
         if not self._bus.connected:
             return
-        self._publish(status_topic(self._worker), b"1")
+        self._publish(status_topic(self._worker), encode_status(True))
         for domain, data in self.published_data.items():
             # Not for a domain whose interface was missing at the last read or count.
             if domain not in self._data_missing and not isinstance(self.last_counts.get(domain), str):
-                self._publish(data_topic(self._worker, domain), data_payload(self._external, data))
+                # Encoded before without complaint, so it encodes again.
+                self._publish(data_topic(self._worker, domain), encode_data(self._endpoint(data)))
 
     def publish_counts(self) -> Deferred[None]:
         """Count connected peers in the pool, update the gauges, publish when connected."""
@@ -226,14 +233,14 @@ class Reporter:
         self.last_counts = dict(counts)
         for domain, count in counts.items():
             if isinstance(count, str):
-                self._metrics.connected_peers.labels(domain=domain).set(-1)
-                value = -1
+                self._metrics.connected_peers.labels(domain=domain).set(NOT_ELIGIBLE)
+                value = NOT_ELIGIBLE
             else:
                 self._metrics.connected_peers.labels(domain=domain).set(count.connected)
                 self._metrics.peers.labels(domain=domain).set(count.total)
                 value = count.connected
             if self._bus.connected:
-                self._publish(metric_topic(self._worker, domain), str(value).encode("ascii"))
+                self._publish(metric_topic(self._worker, domain), encode_connected_peers(value))
         missing = sorted(self._data_missing)
         if missing and self._bus.connected:
             return self.publish_data(missing)
@@ -245,6 +252,6 @@ class Reporter:
     def goodbye(self) -> None:
         """On shutdown: metric -1 for every domain, then status 0 (made before MQTT stops)."""
         for domain in self._domains:
-            self._publish(metric_topic(self._worker, domain), b"-1")
-        self._publish(status_topic(self._worker), b"0")
+            self._publish(metric_topic(self._worker, domain), encode_connected_peers(NOT_ELIGIBLE))
+        self._publish(status_topic(self._worker), encode_status(False))
         self._closed = True

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 
 from wgkex.config import Config
 from wgkex.reactor import IReactor
-from wgkex.topics import key_filter
+from wgkex.contract import key_filter
 from wgkex.bus import Bus
 from wgkex.worker.http import ConnectivityCheck, Listen, StatusListener, status_site
 from wgkex.worker.known import KnownKeys

@@ -24,7 +24,7 @@ def makeService(options: Options) -> IService:
     from wgkex.mqtt import MqttService, Will
     from wgkex.worker.backend import Rtnl, WireGuard
     from wgkex.worker.pool import BackendPool
-    from wgkex.topics import status_topic
+    from wgkex.contract import encode_status, status_topic
     from wgkex.worker.service import build_worker
     from wgkex.sigterm import CleanSigterm
 
@@ -49,7 +49,7 @@ def makeService(options: Options) -> IService:
         config.mqtt,
         client_id=config.mqtt.client_id or worker.name,
         clean_session=False,
-        will=Will(status_topic(worker.name), b"0", qos=1, retain=True),
+        will=Will(status_topic(worker.name), encode_status(False), qos=1, retain=True),
         name="mqtt",
     )
     pool = BackendPool(reactor, make_wireguard, make_rtnl)
