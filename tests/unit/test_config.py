@@ -352,6 +352,6 @@ class YamlQuotingTests(SynchronousTestCase):
         """Quoted, the same texts load unchanged."""
         path = self.mktemp()
         FilePath(path).setContent(b'domains: [ffmuc_welt]\ndomain_prefixes: [ffmuc_]\n'
-                                  b'mqtt: {password: "0123", username: "1_000"}\nworker_name: "12:30"\n')
+                                  b'mqtt: {password: "0123", username: "1_000"}\nworker_name: "0123"\n')
         c = load_config(path)
-        self.assertEqual((c.mqtt.password, c.mqtt.username, c.worker.name), ("0123", "1_000", "12:30"))
+        self.assertEqual((c.mqtt.password, c.mqtt.username, c.worker.name), ("0123", "1_000", "0123"))
