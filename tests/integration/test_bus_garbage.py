@@ -199,12 +199,13 @@ class BusGarbageTests(SynchronousTestCase):
         """Garbage on the gateway's own count makes it ineligible until its next valid count."""
         lab, gw = self.lab, self.gw
         self.attacker.publish([(f"wireguard-metrics/{lab.domain}/{gw.name}/connected_peers", b"9" * 309, True)])
-        # The broker drops the count it had; the worker's next report (every METRICS_INTERVAL
-        # seconds) replaces the garbage.
-        lab.wait_eligible(["gw1"], 20, eligible=False)
+        # The broker drops the count it had (pinned in tests/unit/test_broker_workers.py; the
+        # window is too short to watch through the cached status page); the worker's next
+        # report (every METRICS_INTERVAL seconds) replaces the garbage.
+        wait_until(lambda: self.invalid_counts().get(("metric", "too_large"), 0) >= 1, 20,
+                   "the broker to count the garbage count")
         lab.wait_eligible(["gw1"], 20)
         self.assert_pages_answer()
-        self.assertGreaterEqual(self.invalid_counts().get(("metric", "too_large"), 0), 1)
         status, _headers, body, _ = post_key(lab.broker_url + "/api/v2/wg/key/exchange", lab.domain, OTHER_KEY)
         self.assertEqual(status, 200, body)
         self.assertEqual(json.loads(body)["Endpoint"]["Address"], gw.address)
