@@ -294,7 +294,7 @@ class Bench:
             "wireguard_backend": "uapi",
             "uapi_socket_dir": self.dir,
             "worker_listen": f"127.0.0.1:{STATUS_PORT}",
-            "metrics_interval": args.interval,
+            "metrics_interval": getattr(args, "metrics_interval", args.interval),
             "cleanup_interval": args.interval,
             "log_level": "info",
         }
