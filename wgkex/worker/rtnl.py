@@ -44,8 +44,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from wgkex.worker.backend import BackendError
-from wgkex.worker.rtnl_socket import RtnlSocket
-from wgkex.worker.rtnl_wire import (
+from wgkex.worker.rtnl_socket import (
+    RtnlSocket,
     IFA_F_DADFAILED,
     IFA_F_STABLE_PRIVACY,
     IFA_F_TEMPORARY,
