@@ -23,7 +23,7 @@ from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.domains import Interfaces, domain_interfaces
 from wgkex.worker.peers import KeyApplier
-from wgkex.worker.sweep import SWEEP_CHUNK, Sweeper, dump_keys, stale_keys, sweep_stale
+from wgkex.worker.sweep import SWEEP_CHUNK, Sweeper, dump_keys, find_stale, stale_keys
 
 TIMEOUT = 3 * 3600.0
 START = 1_700_000_000.0
@@ -192,12 +192,12 @@ class SweeperTests(SynchronousTestCase):
         self.assertEqual(pool.jobs(), ["find_stale"])
 
     def test_dumps_read_with_gc_paused(self) -> None:
-        """The sweep and the start-up dump hold whole dumps with the garbage collector off, and turn it on again."""
+        """The sweep's dump and the start-up dump hold whole dumps with the garbage collector off, and turn it on again."""
         self.kernel.peers["wg-welt"][KEY_A] = PeerInfo(KEY_A, START - 2 * TIMEOUT, ("fe80::1/128",))
         interfaces = {"ffmuc_welt": Interfaces("wg-welt", "vx-welt")}
-        result = sweep_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
-        self.assertEqual(result["ffmuc_welt"].removed, [KEY_A])
-        self.assertEqual(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"}), {"ffmuc_welt": []})
+        result = find_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
+        self.assertEqual(result["ffmuc_welt"].stale, [KEY_A])
+        self.assertEqual(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"}), {"ffmuc_welt": [KEY_A]})
         self.assertEqual(self.wg.gc_during_dump, [False, False])
         self.assertTrue(gc.isenabled())
 
@@ -205,7 +205,7 @@ class SweeperTests(SynchronousTestCase):
         """A dump that fails still leaves the garbage collector on."""
         self.wg.fail_peers_dump = OSError("boom")
         interfaces = {"ffmuc_welt": Interfaces("wg-welt", "vx-welt")}
-        result = sweep_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
+        result = find_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
         self.assertIn("boom", result["ffmuc_welt"].error or "")
         self.assertIn("boom", str(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"})["ffmuc_welt"]))
         self.assertTrue(gc.isenabled())

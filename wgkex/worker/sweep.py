@@ -152,28 +152,6 @@ def delete_fdb_entries(backends: Backends, ifaces: Interfaces, keys: Sequence[st
     return []
 
 
-def sweep_stale(
-    backends: Backends,
-    interfaces: Mapping[str, Interfaces],
-    first_seen: Mapping[str, Mapping[str, float]],
-    keep: frozenset[str],
-    now: float,
-    timeout: float,
-) -> dict[str, DomainSweep]:
-    """A whole sweep in one go, in the calling thread (for tools and tests; the worker uses :class:`Sweeper`)."""
-    results = find_stale(backends, interfaces, first_seen, keep, now, timeout)
-    for domain, result in results.items():
-        ifaces = interfaces[domain]
-        for start in range(0, len(result.stale), SWEEP_CHUNK):
-            removed, problems = remove_chunk(backends, ifaces, result.stale[start : start + SWEEP_CHUNK])
-            result.removed.extend(removed)
-            result.problems.extend(problems)
-        if result.removed:
-            result.problems.extend(delete_fdb_entries(backends, ifaces, result.removed))
-        result.finish()
-    return results
-
-
 def dump_keys(backends: Backends, interfaces: Mapping[str, str]) -> dict[str, list[str] | str]:
     """Pool thread: the keys of every peer per domain (or why they could not be read)."""
     result: dict[str, list[str] | str] = {}
