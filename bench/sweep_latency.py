@@ -183,6 +183,13 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             missing += 1
         else:
             latencies.append((at - when) * 1000)
+    holds = []
+    with open(os.path.join(bench.dir, "fake-uapi.log")) as log:
+        for line in log:
+            if line.startswith("get "):
+                _, at, seconds = line.split()
+                if published and published[0][1] <= float(at) <= published[-1][1]:
+                    holds.append(float(seconds) * 1000)
     sweeps = after.get("wgkex_worker_sweep_seconds_count", 0) - before.get("wgkex_worker_sweep_seconds_count", 0)
     sweep_time = after.get("wgkex_worker_sweep_seconds_sum", 0) - before.get("wgkex_worker_sweep_seconds_sum", 0)
     return {
@@ -198,6 +205,10 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "mean_sweep_seconds": round(sweep_time / sweeps, 3) if sweeps else None,
         "share_of_time_sweeping": round(sweep_time / elapsed, 2),
         "duration_seconds": round(elapsed, 1),
+        # The fake daemon builds a dump with its device lock held (so does wireguard-go): keys
+        # added meanwhile wait for it.
+        "uapi_dumps": len(holds),
+        "uapi_dump_lock_ms_max": round(max(holds), 1) if holds else None,
     }
 
 
@@ -209,6 +220,8 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=0.25, help="mean seconds between two keys")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the last keys")
     parser.add_argument("--stale-fraction", type=float, default=0.01)
+    parser.add_argument("--baseline", action="store_true",
+                        help="no sweeps while measuring (cleanup_interval 3600 s): the same keys without a sweep")
     parser.add_argument("--monitor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.monitor:
@@ -218,8 +231,8 @@ def main() -> None:
         sys.exit("bench/sweep_latency.py needs root (network namespaces)")
     if args.fdb is None:
         args.fdb = args.peers
-    # Back-to-back sweeps; counts at the default interval. See Bench for the other settings.
-    args.interval = 0.05
+    # Back-to-back sweeps (or none); counts at the default interval. See Bench for the other settings.
+    args.interval = 3600.0 if args.baseline else 0.05
     args.metrics_interval = 60.0
     with Bench(args) as bench:
         print(json.dumps(measure(bench, args)), flush=True)

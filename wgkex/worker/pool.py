@@ -12,8 +12,7 @@ thread and returns a :class:`~twisted.internet.defer.Deferred` of its result.
 * ``housekeeping``: whole peer dumps (connected-peer counts, the start-up dump,
   stale-peer sweeps). A dump of 100,000 peers takes about a second; in a lane
   of its own it never delays a key (the sweep also removes in chunks, see
-  :mod:`wgkex.worker.sweep`). Measured with ``bench/sweep_latency.py``: see
-  the README's figures.
+  :mod:`wgkex.worker.sweep`, which gives the measured effect).
 
 Within a lane jobs run one after the other, in order; that is the order the
 apply path relies on (a re-apply queued after a batch runs after it).

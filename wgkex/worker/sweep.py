@@ -25,6 +25,17 @@ began are taken out (their routers are alive); a key received while its
 removal job ran is re-applied right after it. The result updates the memory
 and the metrics on the reactor and is logged as one line. :meth:`Sweeper.seed`
 is the start-up dump that fills the memory.
+
+Measured with ``bench/sweep_latency.py`` (100,000 peers and FDB entries, sweeps
+back to back, single keys published meanwhile; a 2-core machine shared with a
+load average of about 20): publish-to-installed latency p50/p99/max was
+40.5/54.2/54.3 s when keys queued behind the sweep in one thread, and
+0.86/5.7/5.8 s with the lanes and chunks. What remains is the WireGuard
+device's own lock: the (fake) UAPI daemon held it for up to 5.7 s while it
+built a dump of 100,000 peers under that load, and a key's ``set=1`` waits for
+it (wireguard-go also builds its dump under the device's IPC lock). With 5,000
+peers: p50 66 ms during sweeps against 50 ms with no sweep at all
+(``--baseline``).
 """
 
 from __future__ import annotations
