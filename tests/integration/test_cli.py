@@ -182,7 +182,7 @@ class TwistTests(TestCase):
             with open(log_path, errors="replace") as f:
                 return f.read()[-3000:]
 
-        wait_for(lambda: status("/healthz") == 200 or proc.poll() is not None, 15, what="the broker under twist")
+        wait_for(lambda: status("/healthz") == 200 or proc.poll() is not None, 60, what="the broker under twist")
         self.assertIsNone(proc.poll(), log_text())
         self.assertEqual(status("/readyz"), 503)
         proc.terminate()

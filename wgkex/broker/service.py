@@ -117,6 +117,7 @@ def build_broker(
         max_per_address=b.max_connections_per_address,
         max_connections=b.max_connections or connection_limit(open_files()),
     )
+    metrics.watch_connections(site)
     listener = ListenService(reactor, with_backlog(b.listen, b.backlog), site, config.path, "broker_listen")
 
     tree = MultiService()
