@@ -6,10 +6,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := mosquitto wireguard-go wireguard-tools iproute2 iputils-ping procps
+# The kernel VM test (tests/kernel): QEMU, busybox for its initramfs, modprobe/depmod.
+APT_PACKAGES += qemu-system-x86 busybox-static kmod
 TRIAL_JOBS ?= 2
 # Heavy test packages run after the main suite in one trial process: they would
 # otherwise start once per trial worker and starve the timing-sensitive tests of CPU.
-HEAVY_TESTS := tests.cluster
+HEAVY_TESTS := tests.cluster tests.kernel
 MAIN_TESTS = $(filter-out $(HEAVY_TESTS) tests.support,$(subst /,.,$(patsubst %/__init__.py,%,$(wildcard tests/*/__init__.py))))
 
 .PHONY: all deps venv test test-tools browser unit demo lab-up lab-down lab-status bench typecheck clean

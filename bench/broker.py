@@ -183,7 +183,7 @@ def main() -> None:
                 f"mqtt: {{broker_url: 127.0.0.1, broker_port: {mosquitto.port}}}\n"
                 f"broker_listen: {{host: 127.0.0.1, port: {http_port}}}\n"
                 # One benchmark client address sends everything: lift its rate limit.
-                "broker: {rate_limit: 1000000, rate_burst: 1000000}\n"
+                f"broker: {{rate_limit: 1000000, rate_burst: 1000000, state_dir: {workdir}/state}}\n"
                 "log_level: warn\n"
             )
         log = open(os.path.join(workdir, "broker.log"), "wb")

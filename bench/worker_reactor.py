@@ -164,7 +164,10 @@ class FakeDaemon:
                     lines = request.decode().split("\n")
                     with lock:
                         if lines[0] == "get=1":
+                            began = time.monotonic()
                             reply = self.dump()
+                            # How long a dump holds the device (sets wait meanwhile, as in wireguard-go).
+                            print(f"get {time.time():.3f} {time.monotonic() - began:.4f}", file=sys.stderr, flush=True)
                         elif lines[0] == "set=1":
                             reply = self.set(lines[1:])
                         else:
@@ -294,7 +297,7 @@ class Bench:
             "wireguard_backend": "uapi",
             "uapi_socket_dir": self.dir,
             "worker_listen": f"127.0.0.1:{STATUS_PORT}",
-            "metrics_interval": args.interval,
+            "metrics_interval": getattr(args, "metrics_interval", args.interval),
             "cleanup_interval": args.interval,
             "log_level": "info",
         }
@@ -311,8 +314,8 @@ class Bench:
                 m = status.metrics()
             except OSError:
                 return False
-            return m.get(f'wgkex_worker_peers{{domain="{DOMAIN}"}}', 0.0) >= args.peers * 0.9 and m.get(
-                "wgkex_worker_sweep_seconds_count", 0.0) >= 1
+            swept = m.get("wgkex_worker_sweep_seconds_count", 0.0) >= 1 or args.interval >= 3600
+            return m.get(f'wgkex_worker_peers{{domain="{DOMAIN}"}}', 0.0) >= args.peers * 0.9 and swept
 
         wait_until(counted, 300, f"the worker's first count and sweep\n{self.log_tail()}", interval=0.2)
         self.counter = MetricCounter(

@@ -105,6 +105,8 @@ class BrokerConfig:
     max_connections_per_address: int = 256
     #: Connections open at once in all (0: from the open-files limit, see wgkex.broker.service).
     max_connections: int = 0
+    #: Where keys not yet acknowledged by the MQTT server are kept across restarts.
+    state_dir: str = "/var/lib/wgkex"
 
 
 @dataclass(frozen=True)
@@ -479,6 +481,7 @@ def parse_config(
         idle_timeout=b.number("idle_timeout", 30.0, 0),
         max_connections_per_address=b.integer("max_connections_per_address", 256, 0),
         max_connections=b.integer("max_connections", 0, 0),
+        state_dir=_state_dir(b),
     )
 
     host = hostname()
@@ -552,6 +555,18 @@ def _servers(reader: _Reader, default_port: int) -> tuple[tuple[str, int], ...]:
             raise item.fail("host", f"must be the server's host name, address or socket path (quoted), got {_describe(host)}")
         servers.append((host.strip(), item.integer("port", default_port, 1, 65535)))
     return tuple(servers)
+
+
+def _state_dir(reader: _Reader) -> str:
+    """``broker.state_dir``: an absolute path that is a directory if it exists."""
+    value = reader.data.get("state_dir", "/var/lib/wgkex")
+    if not isinstance(value, str) or not value.strip():
+        raise reader.fail("state_dir", f"must be a directory path (quoted), got {_describe(value)}")
+    if not os.path.isabs(value):
+        raise reader.fail("state_dir", f"must be an absolute path, got {value!r}")
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise reader.fail("state_dir", f"{value!r} exists and is not a directory")
+    return value
 
 
 def _networks(reader: _Reader, name: str) -> tuple[str, ...]:

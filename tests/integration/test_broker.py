@@ -57,9 +57,12 @@ class BrokerProcess:
     """One ``twistd -n wgkex-broker`` with its own config file, port and log."""
 
     def __init__(self, testcase: SynchronousTestCase, mqtt_port: int, extra: str = "", mqtt_extra: str = "",
-                 limit_files: int | None = None) -> None:
+                 limit_files: int | None = None,
+                 broker: dict[str, Any] | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="wgkex-broker-")
         testcase.addCleanup(shutil.rmtree, self.dir, True)
+        # A spool of its own, so that no other test's broker replays its keys (or it theirs).
+        broker_settings = json.dumps({"state_dir": os.path.join(self.dir, "state"), **(broker or {})})
         self.port = free_port()
         self.config = os.path.join(self.dir, "wgkex.yaml")
         with open(self.config, "w") as f:
@@ -71,6 +74,7 @@ class BrokerProcess:
                   gw-b: {{weight: 1}}
                 mqtt: {{broker_url: 127.0.0.1, broker_port: {mqtt_port}, reconnect_max_delay: 1{mqtt_extra}}}
                 broker_listen: {{host: 127.0.0.1, port: {self.port}}}
+                broker: {broker_settings}
                 """) + extra)
         self.log_path = os.path.join(self.dir, "broker.log")
         log = open(self.log_path, "wb")
@@ -395,7 +399,7 @@ class BrokerIntegrationTests(SynchronousTestCase):
         with open(blocklist, "w") as f:
             f.write(f"# abusive\n{KEY2}\n")
         sub = Subscriber(self, self.mosquitto.port)
-        broker = BrokerProcess(self, self.mosquitto.port, extra=f"broker: {{key_blocklist: {blocklist}}}\n")
+        broker = BrokerProcess(self, self.mosquitto.port, broker={"key_blocklist": blocklist})
         wait_for(lambda: broker.get("/readyz")[0] == 200, 10, what="broker connected")
         status, _, body = broker.post("/api/v1/wg/key/exchange", v1_body(KEY2))
         self.assertEqual(status, 403, body)

@@ -282,8 +282,11 @@ class MqttServiceIntegrationTests(TestCase):
         await until(lambda: not subscriber.connected, "the subscriber to be cut off")
         await gatherResults([publisher.publish("wgkex-test/keys/welt", f"k{i}", qos=1) for i in range(20)])
         proxy.resume()
-        await until(lambda: len(got) >= 21, "the keys sent while away")
-        self.assertEqual(got, [b"first"] + [f"k{i}".encode() for i in range(20)])
+        await until(lambda: len([p for p in got if p != b"first"]) >= 20, "the keys sent while away")
+        # QoS 1 is at least once: when the cut beats the PUBACK for "first" (a loaded machine),
+        # the server rightly sends "first" again. The keys sent while away come once, in order.
+        self.assertEqual(got[0], b"first")
+        self.assertEqual([p for p in got if p != b"first"], [f"k{i}".encode() for i in range(20)])
         self.assertEqual(subscriber.reconnects, 1)
 
     @deferred_test

@@ -254,6 +254,29 @@ class FairReplacementTests(SynchronousTestCase):
         self.assertEqual([t.disconnecting for t in transports], [True, False, False])
 
 
+class ConnectionMetricsTests(SynchronousTestCase):
+    def test_cuts_are_counted_in_metrics(self) -> None:
+        """/metrics shows open connections and those closed by the per-address cap and the request deadline."""
+        from tests.unit.test_broker_fakes import make_config
+        from wgkex.broker.service import build_broker
+
+        reactor: Any = MemoryReactorClock()
+        config = make_config(broker={"request_timeout": 5, "max_connections_per_address": 1})
+        broker = build_broker(config, reactor)
+        addr = IPv4Address("TCP", "192.0.2.1", 1)
+        channel = broker.site.buildProtocol(addr)
+        assert channel is not None
+        channel.makeConnection(StringTransport(peerAddress=addr))
+        self.assertIsNone(broker.site.buildProtocol(addr))
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        reactor.advance(5)
+        text = broker.metrics.render().decode()
+        self.assertIn("wgkex_broker_http_connections 1.0", text)
+        self.assertIn('wgkex_broker_http_connections_cut_total{reason="refused"} 1.0', text)
+        self.assertIn('wgkex_broker_http_connections_cut_total{reason="request_timeout"} 1.0', text)
+        self.assertIn('wgkex_broker_http_connections_cut_total{reason="replaced"} 0.0', text)
+
+
 class SiteSettingsTests(SynchronousTestCase):
     def test_config_reaches_the_site(self) -> None:
         """broker.request_timeout, idle_timeout and the connection caps reach the running site."""

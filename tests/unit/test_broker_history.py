@@ -196,18 +196,22 @@ class ChartTests(SynchronousTestCase):
         self.assertIn("4 accepted, 1 refused (key_list 1)", page)
 
     def test_peer_lines_and_shares(self) -> None:
-        """Peers per gateway are drawn as points per minute; shares are drawn against target shares."""
+        """Peers per gateway are drawn as lines over the minutes; shares are drawn against target shares."""
         self.worker("gw-a", 30)
         self.worker("gw-b", 10)
         self.clock.advance(60)
         self.worker("gw-a", 45)
-        page = self.page()
-        points = re.findall(r'data-start="(\d+)" data-peers="(\d+)"', page)
-        self.assertEqual(sorted(points), sorted([(str(T0), "30"), (str(T0), "10"), (str(T0 + 60), "45")]))
-        self.assertIn("<polyline", page)  # gw-a has two points: a line
         shares = dict((w, (float(s), float(t))) for w, s, t in re.findall(
-            r'<g class="share" data-worker="([^"]+)" data-share="([\d.]+)" data-target="([\d.]+)">', page))
+            r'<g class="share" data-worker="([^"]+)" data-share="([\d.]+)" data-target="([\d.]+)">', self.page()))
         self.assertEqual(shares, {"gw-a": (round(45 / 55, 4), 0.75), "gw-b": (round(10 / 55, 4), 0.25)})
+        self.worker("gw-b", -1)
+        page = self.page()
+        points = dict(re.findall(r'<g class="gateway" data-worker="([^"]+)" data-points="([^"]*)">', page))
+        self.assertEqual(points, {"gw-a": f"{T0}:30 {T0 + 60}:45", "gw-b": f"{T0}:10 {T0 + 60}:-1"})
+        self.assertEqual(page.count("<polyline"), 1)  # gw-a's two points; gw-b's -1 breaks its line
+        dots = re.findall(r'data-start="(\d+)" data-peers="(-?\d+)"', page)
+        self.assertEqual(sorted(dots), [(str(T0), "10"), (str(T0 + 60), "45")])  # newest of gw-a, lone gw-b
+        self.assertEqual(re.findall(r'<g class="share" data-worker="([^"]+)"', page), ["gw-a"])  # gw-b: -1
 
     def test_chart_names_are_escaped_and_self_contained(self) -> None:
         """A gateway name with markup shows as text in the charts; the page references nothing outside."""

@@ -27,9 +27,10 @@ from wgkex.mqtt import MqttService
 class FakeMqtt(Service, FakeBus):
     """FakeBus as a service, built the way BrokerService builds MqttService."""
 
-    def __init__(self, reactor: Any, settings: MqttConfig, name: str = "mqtt") -> None:
+    def __init__(self, reactor: Any, settings: MqttConfig, name: str = "mqtt", spool: Any = None) -> None:
         FakeBus.__init__(self)
         self.settings = settings
+        self.spool = spool
         self.setName(name)
 
 

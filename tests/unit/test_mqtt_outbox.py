@@ -1,4 +1,4 @@
-"""The outbox alone, on a ``task.Clock``: queue, window, acknowledgements, drain, abandon.
+"""The outbox alone, on a ``task.Clock``: queue, window, acknowledgements, drain, abandon, spool.
 
 The sender stands in for paho: it records what it was handed and returns a
 message id, as paho's ``publish`` does.
@@ -6,11 +6,18 @@ message id, as paho's ``publish`` does.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from typing import cast
+
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from wgkex.bus import MqttStopped, QueueFull
 from wgkex.mqtt.outbox import Outbox, Publish
+from wgkex.mqtt.spool import Spool
 
 
 class Sender:
@@ -128,3 +135,97 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual(outbox.abandon(lambda entry: MqttStopped(entry.topic)), 1)
         self.assertIsNone(self.successResultOf(acked))
         self.failureResultOf(lost, MqttStopped)
+
+
+class SpooledOutboxTests(SynchronousTestCase):
+    """The outbox with the broker's spool, on a temporary directory: what a restart finds again."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dir = tempfile.mkdtemp(prefix="wgkex-outbox-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def outbox(self, limit: int = 10) -> Outbox:
+        outbox = Outbox(self.clock, limit=limit, server="mq:1883", spool=Spool(self.dir))
+        outbox.log = Logger(observer=cast(ILogObserver, self.events.append))
+        outbox.start()
+        return outbox
+
+    events: list[LogEvent]
+
+    def texts(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+    def test_stop_with_server_down_keeps_everything_for_the_next_start(self) -> None:
+        """Publishes queued while down survive a stop: one line says so, the next start sends them in order."""
+        self.events = []
+        first = self.outbox()
+        for i in range(5):
+            first.publish("wireguard/ffmuc_welt/all", f"k{i}", qos=1).addErrback(lambda f: f.trap(MqttStopped))
+        self.assertEqual(first.abandon(lambda entry: MqttStopped(entry.topic)), 5)
+        self.assertEqual(len(self.texts()), 1)
+        self.assertIn("stopped with 5 publishes not acknowledged by mq:1883; they stay in", self.texts()[0])
+        second = self.outbox()
+        self.assertEqual(second.pending, 5)
+        sender = Sender()
+        second.open(sender)
+        self.assertEqual(sender.payloads(), [b"k0", b"k1", b"k2", b"k3", b"k4"])
+
+    def test_acknowledged_publishes_leave_the_spool(self) -> None:
+        """Once acknowledged, a publish is not sent again by the next start."""
+        self.events = []
+        first = self.outbox()
+        sender = Sender()
+        first.open(sender)
+        first.publish("t", "acked", qos=1)
+        first.publish("t", "unacked", qos=1).addErrback(lambda f: f.trap(MqttStopped))
+        first.acknowledged(1)
+        first.settle()
+        first.abandon(lambda entry: MqttStopped(entry.topic))
+        second = self.outbox()
+        resend = Sender()
+        second.open(resend)
+        self.assertEqual(resend.payloads(), [b"unacked"])
+
+    def test_replayed_publishes_leave_the_spool_when_acknowledged(self) -> None:
+        """What a start replays is removed from the spool by its acknowledgement: a third start sends nothing."""
+        self.events = []
+        first = self.outbox()
+        first.publish("t", "k", qos=1).addErrback(lambda f: f.trap(MqttStopped))
+        first.abandon(lambda entry: MqttStopped(entry.topic))
+        second = self.outbox()
+        sender = Sender()
+        second.open(sender)
+        second.acknowledged(sender.sent[0][0])
+        second.settle()
+        second.abandon(lambda entry: MqttStopped(entry.topic))
+        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(self.outbox().pending, 0)
+
+    def test_full_queue_writes_nothing(self) -> None:
+        """A publish refused with QueueFull is not spooled (it must not come back after a restart)."""
+        self.events = []
+        first = self.outbox(limit=1)
+        first.publish("t", "kept", qos=1).addErrback(lambda f: f.trap(MqttStopped))
+        self.assertRaises(QueueFull, first.publish, "t", "refused", qos=1)
+        first.abandon(lambda entry: MqttStopped(entry.topic))
+        second = self.outbox()
+        sender = Sender()
+        second.open(sender)
+        self.assertEqual(sender.payloads(), [b"kept"])
+
+    def test_unwritable_spool_refuses_with_queue_full(self) -> None:
+        """When the spool cannot be written the publish is refused (503 upstream), logged once."""
+        self.events = []
+        outbox = self.outbox()
+        assert outbox.spool is not None
+        for segment in outbox.spool._segments.values():
+            os.close(segment.fd)
+        outbox.spool._segments.clear()
+        outbox.spool.directory = os.path.join(self.dir, "missing", "deeper")
+        with self.assertRaises(QueueFull) as ctx:
+            outbox.publish("t", "k", qos=1)
+        self.assertIn("cannot be kept", str(ctx.exception))
+        self.assertRaises(QueueFull, outbox.publish, "t", "k2", qos=1)
+        self.assertEqual(len([t for t in self.texts() if "cannot spool" in t]), 1)
+        self.assertEqual(outbox.pending, 0)

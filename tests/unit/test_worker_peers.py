@@ -25,7 +25,9 @@ from tests.unit.test_worker_fakes import (
 )
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
-from wgkex.worker.peers import CHUNK, Interfaces, KeyApplier, apply_domain
+from wgkex.worker.apply import CHUNK, apply_domain
+from wgkex.worker.domains import Interfaces, domain_interfaces
+from wgkex.worker.peers import KeyApplier
 from wgkex.worker.pool import Backends, WireGuardThread
 
 WELT = "wireguard/ffmuc_welt/all"
@@ -50,7 +52,7 @@ class ApplierTests(SynchronousTestCase):
         self.config = make_config()
         self.metrics = WorkerMetrics(self.config.domains)
         self.known = KnownKeys(self.config.domains)
-        self.applier = KeyApplier(self.config, self.pool, self.known, self.metrics, self.clock)
+        self.applier = KeyApplier(self.config, domain_interfaces(self.config), self.pool, self.known, self.metrics, self.clock)
 
     def test_key_installed(self) -> None:
         """A key becomes a peer with lladdr/128, a route and an FDB entry (the vectors of docs/protocol.md)."""
@@ -107,7 +109,7 @@ class ApplierTests(SynchronousTestCase):
     def test_one_call_per_interface_per_batch(self) -> None:
         """A batch (up to CHUNK keys per interface) costs one add_peers, one replace_routes and one append_fdb each."""
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", key(0))  # first batch, in flight
         for n in range(1, 201):
             applier.submit("ffmuc_welt" if n % 2 else "ffmuc_ost", key(n))
@@ -133,7 +135,7 @@ class ApplierTests(SynchronousTestCase):
     def test_coalescing_drops_duplicates(self) -> None:
         """Keys arriving while a batch is applied form the next batch; duplicates are dropped."""
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", KEY_A)
         self.assertEqual(pool.jobs(), ["apply_batch"])
         for k in (KEY_B, KEY_A, KEY_B, KEY_B, KEY_A):
@@ -153,7 +155,7 @@ class ApplierTests(SynchronousTestCase):
     def test_same_key_other_domain_not_duplicate(self) -> None:
         """One key on two domains is two entries."""
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", key(1))
         applier.submit("ffmuc_welt", KEY_A)
         applier.submit("ffmuc_ost", KEY_A)
@@ -164,7 +166,7 @@ class ApplierTests(SynchronousTestCase):
         """No batch holds more than max_batch keys."""
         config = make_config(max_batch=3)
         pool = ManualPool(self.backends)
-        applier = KeyApplier(config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(config, domain_interfaces(config), pool, self.known, self.metrics, self.clock)
         for n in range(10):
             applier.submit("ffmuc_welt", key(n))
         sizes = []
@@ -180,7 +182,7 @@ class ApplierTests(SynchronousTestCase):
         self.kernel.delete("wg-ost")
         self.kernel.delete("vx-ost")
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", key(0))
         applier.submit("ffmuc_ost", KEY_B)
         applier.submit("ffmuc_welt", KEY_A)
@@ -201,7 +203,7 @@ class ApplierTests(SynchronousTestCase):
         keys = [key(n) for n in range(16)]
         self.wg.refuse.add(keys[5])
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", KEY_A)
         for k in keys:
             applier.submit("ffmuc_welt", k)
@@ -219,7 +221,7 @@ class ApplierTests(SynchronousTestCase):
         """PeersFailed fails exactly the named keys; the others get routes and FDB entries."""
         self.wg.refuse_partially.add(KEY_B)
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", key(1))
         applier.submit("ffmuc_welt", KEY_A)
         applier.submit("ffmuc_welt", KEY_B)
@@ -261,7 +263,7 @@ class ApplierTests(SynchronousTestCase):
 
         self.rtnl.replace_routes = broken  # type: ignore[method-assign]
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", key(1))
         applier.submit("ffmuc_ost", KEY_B)
         applier.submit("ffmuc_welt", KEY_A)
@@ -274,7 +276,7 @@ class ApplierTests(SynchronousTestCase):
     def test_failed_pool_job(self) -> None:
         """A pool job failing as a whole fails its keys and the next batch still runs."""
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", KEY_A)
         applier.submit("ffmuc_welt", KEY_B)
         _, _, _, d = pool.queue.pop(0)
@@ -326,7 +328,7 @@ class ApplierTests(SynchronousTestCase):
     def test_stop_drains_then_refuses(self) -> None:
         """stop() applies what is queued (and what still arrives), then refuses keys."""
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", KEY_A)
         applier.submit("ffmuc_welt", KEY_B)
         d = applier.stop(timeout=10)
@@ -342,7 +344,7 @@ class ApplierTests(SynchronousTestCase):
     def test_stop_gives_up_after_timeout(self) -> None:
         """stop() drops what is still queued after the timeout and fires once the pool is done."""
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", KEY_A)
         applier.submit("ffmuc_welt", KEY_B)
         d = applier.stop(timeout=10)

@@ -20,8 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_worker_fakes import FakeKernel, FakeRtnl, FakeWireGuard, LazyExecutor, key
 from wgkex.worker.backend import InterfaceMissing
-from wgkex.worker.peers import Interfaces, apply_domain
-from wgkex.worker.pool import SWITCH_INTERVAL, Backends, BackendPool, GcPause, PoolStopped, WireGuardThread
+from wgkex.worker.apply import apply_domain
+from wgkex.worker.domains import Interfaces
+from wgkex.worker.pool import Backends, BackendPool, GcPause, PoolStopped, WireGuardThread
 
 
 class FakeThreadPool:
@@ -97,9 +98,8 @@ class BackendPoolTests(SynchronousTestCase):
             ImmediateReactor(),  # type: ignore[arg-type]
             make_wg,
             make_rtnl,
-            threadpool_factory=lambda: self.threads,  # type: ignore[arg-type,return-value]
+            threadpool_factory=lambda name: self.threads,  # type: ignore[arg-type,return-value]
             wireguard_executor_factory=lambda: self.executor,
-            switch_interval=None,
         )
 
     def test_nothing_before_start(self) -> None:
@@ -111,32 +111,32 @@ class BackendPoolTests(SynchronousTestCase):
         """startService starts the thread and creates the backends there as its first job."""
         self.pool.startService()
         self.assertTrue(self.threads.started)
-        self.assertEqual(self.threads.ran, ["_create"])
-        self.assertEqual(len(self.made), 2)
+        self.assertEqual(self.threads.ran, ["_create", "_create"])
+        self.assertEqual(len(self.made), 4)  # a WireGuard backend and an rtnetlink socket per lane
 
     def test_run_passes_backends(self) -> None:
         """run(fn, *args) calls fn(backends, *args) in the pool and fires with its result."""
         self.pool.startService()
-        self.assertEqual(self.successResultOf(self.pool.run(peer_count, "wg-welt")), 0)
+        self.assertEqual(self.successResultOf(self.pool.keys.run(peer_count, "wg-welt")), 0)
         self.assertEqual(self.threads.ran[-1], "peer_count")
 
     def test_errors_travel_back(self) -> None:
         """An exception in a job fails its Deferred."""
         self.pool.startService()
-        failure = self.failureResultOf(self.pool.run(peer_count, "wg-nope"))
+        failure = self.failureResultOf(self.pool.keys.run(peer_count, "wg-nope"))
         self.assertIn("wg-nope", failure.getErrorMessage())
 
     def test_stop_closes_backends_in_pool_then_joins(self) -> None:
         """stopService closes both backends in the pool thread after queued jobs, then stops the threads."""
         self.pool.startService()
         self.threads.hold = True
-        job = self.pool.run(peer_count, "wg-welt")
+        job = self.pool.keys.run(peer_count, "wg-welt")
         d = self.pool.stopService()
         self.assertFalse(self.threads.stopped)
         self.threads.release()
         self.successResultOf(job)
         self.successResultOf(d)
-        self.assertEqual(self.threads.ran, ["_create", "peer_count", "_close"])
+        self.assertEqual(self.threads.ran, ["_create", "_create", "peer_count", "_close", "_close"])
         self.assertTrue(all(b.closed for b in self.made))  # type: ignore[attr-defined]
         self.assertTrue(self.threads.stopped)
 
@@ -144,7 +144,7 @@ class BackendPoolTests(SynchronousTestCase):
         """A job submitted after stop fails with PoolStopped."""
         self.pool.startService()
         self.successResultOf(self.pool.stopService())
-        self.failureResultOf(self.pool.run(peer_count, "wg-welt"), PoolStopped)
+        self.failureResultOf(self.pool.keys.run(peer_count, "wg-welt"), PoolStopped)
 
     def test_creation_failure_reported(self) -> None:
         """If a backend cannot be created, it is logged and every job fails saying why."""
@@ -157,12 +157,12 @@ class BackendPoolTests(SynchronousTestCase):
             ImmediateReactor(),  # type: ignore[arg-type]
             broken,
             lambda: FakeRtnl(self.kernel),
-            threadpool_factory=lambda: FakeThreadPool(),  # type: ignore[arg-type,return-value]
+            threadpool_factory=lambda name: FakeThreadPool(),  # type: ignore[arg-type,return-value]
             wireguard_executor_factory=lambda: executor,
         )
         pool.startService()
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
-        failure = self.failureResultOf(pool.run(peer_count, "wg-welt"), PoolStopped)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)  # once per lane
+        failure = self.failureResultOf(pool.keys.run(peer_count, "wg-welt"), PoolStopped)
         self.assertIn("no such socket directory", failure.getErrorMessage())
         self.assertTrue(executor.shut_down)
         self.successResultOf(pool.stopService())
@@ -184,14 +184,14 @@ class BackendPoolTests(SynchronousTestCase):
             ImmediateReactor(),  # type: ignore[arg-type]
             make_wg,
             broken,
-            threadpool_factory=lambda: FakeThreadPool(),  # type: ignore[arg-type,return-value]
+            threadpool_factory=lambda name: FakeThreadPool(),  # type: ignore[arg-type,return-value]
             wireguard_executor_factory=lambda: executor,
         )
         pool.startService()
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
-        self.assertTrue(made[0].closed)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)  # once per lane
+        self.assertTrue(all(wg.closed for wg in made))
         self.assertTrue(executor.shut_down)
-        self.failureResultOf(pool.run(peer_count, "wg-welt"), PoolStopped)
+        self.failureResultOf(pool.keys.run(peer_count, "wg-welt"), PoolStopped)
         self.successResultOf(pool.stopService())
 
     def test_wireguard_lives_in_its_thread(self) -> None:
@@ -199,7 +199,7 @@ class BackendPoolTests(SynchronousTestCase):
         self.pool.startService()
         self.assertEqual(self.executor.log, [("submit", "make_wg"), ("run", "make_wg")])
         self.executor.log.clear()
-        self.successResultOf(self.pool.run(peer_count, "wg-welt"))
+        self.successResultOf(self.pool.keys.run(peer_count, "wg-welt"))
         self.assertEqual(self.executor.log, [("submit", "peers"), ("run", "peers")])
         self.successResultOf(self.pool.stopService())
         self.assertEqual(self.executor.log[-2:], [("submit", "close"), ("run", "close")])
@@ -209,26 +209,46 @@ class BackendPoolTests(SynchronousTestCase):
     def test_backend_exceptions_keep_their_type(self) -> None:
         """An exception in the WireGuard thread reaches the job as itself (InterfaceMissing stays one)."""
         self.pool.startService()
-        self.failureResultOf(self.pool.run(peer_count, "wg-nope"), InterfaceMissing)
+        self.failureResultOf(self.pool.keys.run(peer_count, "wg-nope"), InterfaceMissing)
 
 
-class SwitchIntervalTests(SynchronousTestCase):
-    def test_set_while_running_then_restored(self) -> None:
-        """The pool sets Python's thread switch interval to 1 ms while it runs and restores it when stopped."""
-        before = sys.getswitchinterval()
-        self.addCleanup(sys.setswitchinterval, before)
-        kernel = FakeKernel()
-        pool = BackendPool(
+class LanesTests(SynchronousTestCase):
+    """The keys lane and the housekeeping lane: a thread and backends each."""
+
+    def setUp(self) -> None:
+        self.kernel = FakeKernel()
+        self.kernel.add_domain("welt")
+        self.threads: dict[str, FakeThreadPool] = {}
+        self.pool = BackendPool(
             ImmediateReactor(),  # type: ignore[arg-type]
-            lambda: FakeWireGuard(kernel),
-            lambda: FakeRtnl(kernel),
-            threadpool_factory=lambda: FakeThreadPool(),  # type: ignore[arg-type,return-value]
+            lambda: FakeWireGuard(self.kernel),
+            lambda: FakeRtnl(self.kernel),
+            threadpool_factory=lambda name: self.threads.setdefault(name, FakeThreadPool()),  # type: ignore[arg-type,return-value]
             wireguard_executor_factory=lambda: LazyExecutor(),
         )
-        pool.startService()
-        self.assertAlmostEqual(sys.getswitchinterval(), SWITCH_INTERVAL)
-        self.successResultOf(pool.stopService())
-        self.assertAlmostEqual(sys.getswitchinterval(), before)
+        self.pool.startService()
+        self.addCleanup(self.pool.stopService)
+
+    def test_key_job_runs_while_housekeeping_is_busy(self) -> None:
+        """A job in the keys lane completes while a housekeeping job (a long dump) still holds its thread."""
+        self.threads["wgkex-housekeeping"].hold = True
+        dump = self.pool.housekeeping.run(peer_count, "wg-welt")
+        self.assertEqual(self.successResultOf(self.pool.keys.run(peer_count, "wg-welt")), 0)
+        self.assertNoResult(dump)
+        self.threads["wgkex-housekeeping"].release()
+        self.assertEqual(self.successResultOf(dump), 0)
+
+    def test_lanes_have_their_own_backends(self) -> None:
+        """Each lane's jobs get that lane's backends; only the keys lane has a WireGuard thread."""
+
+        def backends(b: Backends) -> Backends:
+            return b
+
+        keys = self.successResultOf(self.pool.keys.run(backends))
+        housekeeping = self.successResultOf(self.pool.housekeeping.run(backends))
+        self.assertIsInstance(keys.wireguard, WireGuardThread)
+        self.assertIsInstance(housekeeping.wireguard, FakeWireGuard)
+        self.assertIsNot(keys.rtnl, housekeeping.rtnl)
 
 
 class GcPauseTests(SynchronousTestCase):

@@ -29,9 +29,11 @@ from tests.unit.test_worker_fakes import (
 from wgkex.config import Config
 from wgkex.worker.http import STATUS_RETRY_INTERVAL, status_site
 from wgkex.keys import lladdr
-from wgkex.worker.peers import CHUNK, MAX_RETRIES
+from wgkex.worker.apply import CHUNK
+from wgkex.worker.retry import MAX_RETRIES
 from wgkex.worker.pool import Backends
-from wgkex.worker.service import WATCH_INTERVAL, WorkerRoot, build_worker
+from wgkex.services import OrderedMultiService
+from wgkex.worker.service import WATCH_INTERVAL, build_worker
 
 START = 1_700_000_000.0
 STATUS = "wireguard-worker/gw1/status"
@@ -66,15 +68,21 @@ class _ServiceBits:
 
 
 class SyncPoolService(_ServiceBits, SyncPool):
+    """Both lanes run their jobs at once."""
+
     def __init__(self, backends: Backends, events: list[tuple[Any, ...]]) -> None:
         SyncPool.__init__(self, backends)
         self.events = events
+        self.keys = self.housekeeping = self
 
 
 class ManualPoolService(_ServiceBits, ManualPool):
+    """Both lanes share one queue of held jobs, released in order."""
+
     def __init__(self, backends: Backends, events: list[tuple[Any, ...]]) -> None:
         ManualPool.__init__(self, backends)
         self.events = events
+        self.keys = self.housekeeping = self
 
 
 class FakePort:
@@ -107,17 +115,17 @@ class WorkerTreeTests(SynchronousTestCase):
         self.ports.append(p)
         return p
 
-    def build(self, config: Config | None = None, manual: bool = False) -> WorkerRoot:
+    def build(self, config: Config | None = None, manual: bool = False) -> OrderedMultiService:
         self.config = config or make_config(metrics_interval=60, cleanup_interval=3600, peer_timeout=10800)
         pool: Any = (ManualPoolService if manual else SyncPoolService)(self.backends, self.bus.events)
         self.pool = pool
         root = build_worker(
-            self.config, self.reactor, self.bus, pool, ifindex=self.kernel.ifindex, listen=self.listen
+            self.config, self.reactor, bus=self.bus, pool=pool, support=(), ifindex=self.kernel.ifindex, listen=self.listen
         )
         self.root = root
         return root
 
-    def start(self, config: Config | None = None, manual: bool = False) -> WorkerRoot:
+    def start(self, config: Config | None = None, manual: bool = False) -> OrderedMultiService:
         root = self.build(config, manual)
         root.startService()
         self.addCleanup(lambda: root.running and root.stopService())
@@ -308,7 +316,7 @@ class WorkerTreeTests(SynchronousTestCase):
         self.bus.deliver("wireguard/ffmuc_welt/all", GATEWAY_KEY.encode())
         self.assertFalse(self.kernel.has("welt", GATEWAY_KEY))
         self.assertNotIn(lladdr(GATEWAY_KEY), self.kernel.routes.get("wg-welt", set()))
-        invalid = self.root.worker.metrics.registry.get_sample_value("wgkex_worker_keys_invalid_total", {"reason": "key"})
+        invalid = self.root.getServiceNamed("worker").metrics.registry.get_sample_value("wgkex_worker_keys_invalid_total", {"reason": "key"})
         self.assertEqual(invalid, 1)
 
     def test_failing_key_given_up_after_retries(self) -> None:
@@ -319,7 +327,7 @@ class WorkerTreeTests(SynchronousTestCase):
         self.bus.deliver("wireguard/ffmuc_welt/all", KEY_A.encode())
         for _ in range(MAX_RETRIES + 2):
             self.reactor.advance(60)
-        failed = self.root.worker.metrics.registry.get_sample_value(
+        failed = self.root.getServiceNamed("worker").metrics.registry.get_sample_value(
             "wgkex_worker_keys_failed_total", {"domain": "ffmuc_welt", "reason": "route"}
         )
         self.assertEqual(failed, 1 + MAX_RETRIES)
@@ -462,7 +470,7 @@ class WorkerTreeTests(SynchronousTestCase):
 
         self.config = make_config()
         pool = SyncPoolService(self.backends, events)
-        root = build_worker(self.config, self.reactor, self.bus, pool, ifindex=self.kernel.ifindex,
+        root = build_worker(self.config, self.reactor, bus=self.bus, pool=pool, ifindex=self.kernel.ifindex,
                             listen=self.listen, support=[Support()])
         root.startService()
         self.assertEqual(events[:2], [("support-start",), ("pool-start",)])
@@ -472,7 +480,7 @@ class WorkerTreeTests(SynchronousTestCase):
     def test_mqtt_connected_metric(self) -> None:
         """The MQTT connected gauge follows the bus."""
         self.start()
-        metrics = self.root.worker.metrics
+        metrics = self.root.getServiceNamed("worker").metrics
         self.bus.connect()
         self.assertEqual(metrics.registry.get_sample_value("wgkex_worker_mqtt_connected"), 1)
         self.bus.disconnect()
@@ -489,9 +497,9 @@ class StatusSiteTests(SynchronousTestCase):
         self.kernel.add_domain("ost")
         self.backends, _, _ = backends_for(self.kernel)
         self.bus = FakeBus(connected=True)
-        self.root = build_worker(make_config(), self.reactor, self.bus, SyncPoolService(self.backends, []),
-                                 ifindex=self.kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
-        worker = self.root.worker
+        self.root = build_worker(make_config(), self.reactor, bus=self.bus, pool=SyncPoolService(self.backends, []),
+                                 support=(), ifindex=self.kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
+        worker = self.root.getServiceNamed("worker")
         # StubTreq attaches its request methods at run time: typed as Any.
         self.treq: Any = StubTreq(status_site(worker.metrics, worker.health).resource)
 
@@ -534,8 +542,8 @@ class ManyKeysTests(SynchronousTestCase):
         bus = FakeBus()
         events: list[tuple[Any, ...]] = []
         pool = ManualPoolService(backends, events)
-        root = build_worker(make_config(worker_listen="off"), MemoryReactorClock(), bus, pool,
-                            ifindex=kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
+        root = build_worker(make_config(worker_listen="off"), MemoryReactorClock(), bus=bus, pool=pool,
+                            support=(), ifindex=kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
         root.startService()
         pool.release()
         for n in range(2000):

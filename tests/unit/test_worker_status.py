@@ -26,12 +26,12 @@ class WorkerStatusTests(SynchronousTestCase):
         backends, self.wg, self.rtnl = backends_for(self.kernel)
         self.bus = FakeBus()
         config = make_config(cleanup_interval=600, peer_timeout=300, metrics_interval=60)
-        self.root = build_worker(config, self.reactor, self.bus, SyncPoolService(backends, []),
-                                 ifindex=self.kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
+        self.root = build_worker(config, self.reactor, bus=self.bus, pool=SyncPoolService(backends, []),
+                                 support=(), ifindex=self.kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
         self.root.startService()
         self.addCleanup(lambda: self.root.running and self.root.stopService())
         self.bus.connect()
-        worker = self.root.worker
+        worker = self.root.getServiceNamed("worker")
         self.treq: Any = StubTreq(status_site(worker.metrics, worker.health, worker.status).resource)
 
     def status(self) -> dict[str, Any]:

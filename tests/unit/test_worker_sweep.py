@@ -21,9 +21,9 @@ from tests.unit.test_worker_fakes import (
 from wgkex.worker.backend import PeerInfo
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
+from wgkex.worker.domains import Interfaces, domain_interfaces
 from wgkex.worker.peers import KeyApplier
-from wgkex.worker.peers import Interfaces
-from wgkex.worker.sweep import Sweeper, dump_keys, stale_keys, sweep_stale
+from wgkex.worker.sweep import SWEEP_CHUNK, Sweeper, dump_keys, find_stale, stale_keys
 
 TIMEOUT = 3 * 3600.0
 START = 1_700_000_000.0
@@ -71,8 +71,8 @@ class SweeperTests(SynchronousTestCase):
         self.config = make_config(keep_keys=[key(99)])
         self.metrics = WorkerMetrics(self.config.domains)
         self.known = KnownKeys(self.config.domains)
-        self.applier = KeyApplier(self.config, self.pool, self.known, self.metrics, self.clock)
-        self.sweeper = Sweeper(self.config, self.pool, self.known, self.metrics, self.clock)
+        self.applier = KeyApplier(self.config, domain_interfaces(self.config), self.pool, self.known, self.metrics, self.clock)
+        self.sweeper = Sweeper(self.config, domain_interfaces(self.config), self.pool, self.known, self.metrics, self.clock)
 
     def add(self, k: str, domain: str = "ffmuc_welt") -> None:
         self.applier.submit(domain, k)
@@ -128,7 +128,7 @@ class SweeperTests(SynchronousTestCase):
         self.add(KEY_A)
         # A new worker process: empty memory, the peer is already on the interface.
         known = KnownKeys(self.config.domains)
-        sweeper = Sweeper(self.config, self.pool, known, self.metrics, self.clock)
+        sweeper = Sweeper(self.config, domain_interfaces(self.config), self.pool, known, self.metrics, self.clock)
         self.clock.advance(TIMEOUT - 10)
         self.successResultOf(sweeper.seed())
         self.clock.advance(TIMEOUT - 10)
@@ -166,8 +166,8 @@ class SweeperTests(SynchronousTestCase):
     def test_key_received_during_sweep_stays_known(self) -> None:
         """A key that arrives again while a sweep runs is re-added after it and stays remembered."""
         pool = ManualPool(self.backends)
-        applier = KeyApplier(self.config, pool, self.known, self.metrics, self.clock)
-        sweeper = Sweeper(self.config, pool, self.known, self.metrics, self.clock)
+        applier = KeyApplier(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
+        sweeper = Sweeper(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         applier.submit("ffmuc_welt", KEY_A)
         pool.release()
         self.clock.advance(TIMEOUT + 1)
@@ -181,23 +181,23 @@ class SweeperTests(SynchronousTestCase):
     def test_one_sweep_at_a_time(self) -> None:
         """A sweep requested while one runs does not start a second job."""
         pool = ManualPool(self.backends)
-        sweeper = Sweeper(self.config, pool, self.known, self.metrics, self.clock)
+        sweeper = Sweeper(self.config, domain_interfaces(self.config), pool, self.known, self.metrics, self.clock)
         first = sweeper.sweep()
         second = sweeper.sweep()
-        self.assertEqual(pool.jobs(), ["sweep_stale"])
+        self.assertEqual(pool.jobs(), ["find_stale"])
         pool.release()
         self.successResultOf(first)
         self.successResultOf(second)
         sweeper.sweep()
-        self.assertEqual(pool.jobs(), ["sweep_stale"])
+        self.assertEqual(pool.jobs(), ["find_stale"])
 
     def test_dumps_read_with_gc_paused(self) -> None:
-        """The sweep and the start-up dump hold whole dumps with the garbage collector off, and turn it on again."""
+        """The sweep's dump and the start-up dump hold whole dumps with the garbage collector off, and turn it on again."""
         self.kernel.peers["wg-welt"][KEY_A] = PeerInfo(KEY_A, START - 2 * TIMEOUT, ("fe80::1/128",))
         interfaces = {"ffmuc_welt": Interfaces("wg-welt", "vx-welt")}
-        result = sweep_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
-        self.assertEqual(result["ffmuc_welt"].removed, [KEY_A])
-        self.assertEqual(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"}), {"ffmuc_welt": []})
+        result = find_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
+        self.assertEqual(result["ffmuc_welt"].stale, [KEY_A])
+        self.assertEqual(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"}), {"ffmuc_welt": [KEY_A]})
         self.assertEqual(self.wg.gc_during_dump, [False, False])
         self.assertTrue(gc.isenabled())
 
@@ -205,7 +205,107 @@ class SweeperTests(SynchronousTestCase):
         """A dump that fails still leaves the garbage collector on."""
         self.wg.fail_peers_dump = OSError("boom")
         interfaces = {"ffmuc_welt": Interfaces("wg-welt", "vx-welt")}
-        result = sweep_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
+        result = find_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
         self.assertIn("boom", result["ffmuc_welt"].error or "")
         self.assertIn("boom", str(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"})["ffmuc_welt"]))
         self.assertTrue(gc.isenabled())
+
+
+class SweepLanesTests(SynchronousTestCase):
+    """The sweep runs in the housekeeping lane, in chunks; keys go through the keys lane and never wait for it."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.kernel = FakeKernel()
+        self.kernel.add_domain("welt")
+        self.backends, self.wg, self.rtnl = backends_for(self.kernel)
+        self.config = make_config(domains=["ffmuc_welt"])
+        interfaces = domain_interfaces(self.config)
+        self.metrics = WorkerMetrics(self.config.domains)
+        self.known = KnownKeys(self.config.domains)
+        self.keys_lane = SyncPool(self.backends)
+        self.housekeeping = ManualPool(self.backends)
+        self.applier = KeyApplier(self.config, interfaces, self.keys_lane, self.known, self.metrics, self.clock)
+        self.sweeper = Sweeper(
+            self.config, interfaces, self.housekeeping, self.known, self.metrics, self.clock, self.applier.reapply
+        )
+        # Two and a half chunks of peers that have been silent for longer than peer_timeout.
+        self.stale = [key(n) for n in range(SWEEP_CHUNK * 5 // 2)]
+        for k in self.stale:
+            self.applier.submit("ffmuc_welt", k)
+        self.clock.advance(TIMEOUT + 1)
+
+    def present(self, keys: list[str]) -> int:
+        return sum(1 for k in keys if self.kernel.has("welt", k))
+
+    def test_key_applied_before_remaining_chunks(self) -> None:
+        """A key arriving during a sweep is installed at once, while the sweep's remaining chunks still wait."""
+        done = self.sweeper.sweep()
+        self.assertEqual(self.housekeeping.jobs(), ["find_stale"])
+        self.housekeeping.release(2)  # the dump, then the first chunk
+        self.assertEqual(self.housekeeping.jobs(), ["remove_chunk"])
+        self.assertEqual(self.present(self.stale), len(self.stale) - SWEEP_CHUNK)
+        new = key(10_000)
+        self.applier.submit("ffmuc_welt", new)
+        self.assertTrue(self.kernel.has("welt", new))
+        self.assertEqual(self.housekeeping.jobs(), ["remove_chunk"])
+        self.housekeeping.release()
+        result = self.successResultOf(done)
+        self.assertEqual(sorted(result["ffmuc_welt"].removed), sorted(self.stale))
+        self.assertEqual(self.present(self.stale), 0)
+        self.assertTrue(all(self.kernel.nothing_on("welt", k) for k in self.stale))
+        self.assertTrue(self.kernel.has("welt", new))
+
+    def test_removal_in_chunks_then_fdb_once(self) -> None:
+        """Stale peers and routes go SWEEP_CHUNK at a time; their FDB entries in one job at the end."""
+        self.sweeper.sweep()
+        jobs = []
+        while self.housekeeping.queue:
+            jobs.extend(self.housekeeping.jobs())
+            self.housekeeping.release(1)
+        self.assertEqual(jobs, ["find_stale", "remove_chunk", "remove_chunk", "remove_chunk", "delete_fdb_entries"])
+        self.assertEqual(
+            [n for method, _, n in self.wg.calls if method == "remove_peers"], [SWEEP_CHUNK, SWEEP_CHUNK, SWEEP_CHUNK // 2]
+        )
+
+    def test_key_received_again_is_spared(self) -> None:
+        """A stale key whose router registers again during the sweep keeps its peer, route and FDB entry."""
+        back = self.stale[-1]
+        done = self.sweeper.sweep()
+        self.housekeeping.release(1)  # decided: every key is stale
+        self.applier.submit("ffmuc_welt", back)
+        self.housekeeping.release()
+        result = self.successResultOf(done)
+        self.assertNotIn(back, result["ffmuc_welt"].removed)
+        self.assertTrue(self.kernel.has("welt", back))
+        self.assertEqual(self.present(self.stale), 1)
+
+    def test_key_received_while_its_chunk_runs_is_reapplied(self) -> None:
+        """A key that arrives while the job removing it runs is installed again right after that job."""
+        back = self.stale[0]
+        remove = self.wg.remove_peers
+
+        def arrives_meanwhile(iface: str, keys: list[str]) -> None:
+            if back in keys:
+                self.applier.submit("ffmuc_welt", back)
+            remove(iface, keys)
+
+        self.wg.remove_peers = arrives_meanwhile  # type: ignore[method-assign]
+        done = self.sweeper.sweep()
+        self.housekeeping.release()
+        self.successResultOf(done)
+        self.assertTrue(self.kernel.has("welt", back))
+        self.assertIsNotNone(self.known.first_seen("ffmuc_welt", back))
+        self.assertEqual(self.present(self.stale), 1)
+
+    def test_stop_ends_the_sweep_after_its_current_job(self) -> None:
+        """Once the worker stops, a running sweep submits no more chunks (FDB entries of removed peers still go)."""
+        done = self.sweeper.sweep()
+        self.housekeeping.release(2)  # the dump and the first chunk; the second is submitted
+        self.sweeper.stop()
+        self.housekeeping.release()
+        result = self.successResultOf(done)
+        self.assertEqual(len(result["ffmuc_welt"].removed), 2 * SWEEP_CHUNK)
+        self.assertEqual(self.present(self.stale), len(self.stale) - 2 * SWEEP_CHUNK)
+        self.assertTrue(all(self.kernel.nothing_on("welt", k) for k in result["ffmuc_welt"].removed))

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
+from wgkex.reactor import as_reactor
 from wgkex.worker import tap
 
 
 class MakeServiceTests(SynchronousTestCase):
     """makeService from a real config file."""
+
+    def setUp(self) -> None:
+        # makeService tunes the process (see test_switch_interval): give trial its own setting back.
+        self.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
 
     def options(self, extra: str = "") -> tap.Options:
         fd, path = tempfile.mkstemp(suffix=".yaml")
@@ -31,7 +40,9 @@ class MakeServiceTests(SynchronousTestCase):
 
         root = tap.makeService(self.options())
         names = [s.name for s in root]  # type: ignore[attr-defined]
-        self.assertEqual(names, ["logging", "sigterm", "netlink-pool", "worker", "status-http", "mqtt"])
+        self.assertEqual(names, ["logging", "sigterm", "netlink-pool", "worker", "status-http", "mqtt", "goodbye"])
+        timers = [s.name for s in root.getServiceNamed("worker")]  # type: ignore[attr-defined]
+        self.assertEqual(timers, ["interface-watch", "metrics", "sweep"])
         self.assertFalse(root.running)
         mqtt = root.getServiceNamed("mqtt")  # type: ignore[attr-defined]
         self.assertIsInstance(mqtt, MqttService)
@@ -55,3 +66,22 @@ class MakeServiceTests(SynchronousTestCase):
         """worker_listen: off leaves the status listener out."""
         root = tap.makeService(self.options("worker_listen: off\n"))
         self.assertNotIn("status-http", [s.name for s in root])  # type: ignore[attr-defined]
+
+    def test_switch_interval(self) -> None:
+        """Building the worker sets Python's thread switch interval to 1 ms (the tap's process tuning)."""
+        sys.setswitchinterval(0.005)
+        tap.makeService(self.options())
+        self.assertAlmostEqual(sys.getswitchinterval(), tap.SWITCH_INTERVAL)
+
+    def test_given_reactor_used(self) -> None:
+        """makeService(options, reactor) builds on that reactor, not the global one."""
+        reactor = _ThreadedMemoryReactor()
+        status = tap.makeService(self.options(), as_reactor(reactor)).getServiceNamed("status-http")  # type: ignore[attr-defined]
+        status.startService()
+        self.addCleanup(status.stopService)
+        self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers], [(9101, "127.0.0.1")])
+
+
+@implementer(IReactorThreads)
+class _ThreadedMemoryReactor(MemoryReactorClock):
+    """A memory reactor that claims threads too (the worker's reactor type asks for them)."""

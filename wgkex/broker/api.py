@@ -16,7 +16,8 @@ A key travels through :meth:`BrokerApi.key_exchange`:
    connected the reply waits for the server's acknowledgement, at most
    ``broker.publish_timeout`` seconds (after that the key is still queued in the
    client, so the reply is 200 anyway). While MQTT is down the key is queued
-   and the reply is 200 at once; a full queue gives 503.
+   (and written to the spool in ``broker.state_dir``, so a restart or a crash
+   does not lose it) and the reply is 200 at once; a full queue gives 503.
 
 Nothing is published for a refused request. Every reply is JSON with
 ``Content-Type: application/json`` (except ``GET /`` and ``/metrics``),
@@ -49,7 +50,7 @@ from wgkex.broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from wgkex.broker.metrics import BrokerMetrics
 from wgkex.broker.ratelimit import RateLimiter, client_address, parse_networks
 from wgkex.broker.workers import WorkerPicture
-from wgkex.bus import Bus, QueueFull
+from wgkex.bus import Bus, MqttStopped, QueueFull
 from wgkex.config import Config
 from wgkex.keys import key_problem
 from wgkex.contract import encode_key, key_topic
@@ -312,8 +313,10 @@ class BrokerApi:
         return self._bounded(d, key, domain)
 
     def _lost(self, failure: Failure, key: str, domain: str) -> None:
-        # The MQTT service fails a publish only when it stops before the server has it
-        # (and logs how many): an expected event, so one line and no traceback.
+        # The MQTT service fails a publish only when it stops before the server has it; it
+        # logs one line for all of them (and keeps them in its spool for the next start).
+        if failure.check(MqttStopped):
+            return
         self.log.warn("Key {key} for domain {domain}, already answered 200, was not published: {reason}",
                       key=key, domain=domain, reason=_reason(failure))
 

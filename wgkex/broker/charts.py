@@ -121,7 +121,12 @@ def registrations_chart(minutes: Sequence[Mapping[str, Any]]) -> str:
 
 def peers_chart(series: Mapping[str, Sequence[Mapping[str, int]]], starts: Sequence[int],
                 colors: Mapping[str, str]) -> str:
-    """A line per gateway: its reported connected peers per minute (a -1 report breaks the line)."""
+    """A line per gateway: its reported connected peers per minute (a -1 report breaks the line).
+
+    Every point is in the gateway's ``data-points`` (``start:peers`` pairs); a dot
+    with a tooltip marks its newest report and any point no line reaches. (A dot
+    per point would make the page several times larger with many gateways.)
+    """
     values = [p["peers"] for points in series.values() for p in points]
     ymax = nice_ceiling(max(values, default=0))
     width = _PLOT_W / max(len(starts), 1)
@@ -129,29 +134,29 @@ def peers_chart(series: Mapping[str, Sequence[Mapping[str, int]]], starts: Seque
     body = []
     for name, points in series.items():
         color = colors.get(name, PALETTE[-1])
-        body.append(f'<g class="gateway" data-worker="{esc(name)}">')
-        segment: list[str] = []
-        segments: list[list[str]] = [segment]
-        dots = []
+        listed = " ".join(f"{int(p['start'])}:{int(p['peers'])}" for p in points)
+        body.append(f'<g class="gateway" data-worker="{esc(name)}" data-points="{listed}">')
+        segments: list[list[tuple[float, float, Mapping[str, int]]]] = [[]]
         for point in points:
-            index = (point["start"] - first) // MINUTE
-            x = _LEFT + (index + 0.5) * width
-            peers = point["peers"]
-            if peers < 0:
-                segment = []
-                segments.append(segment)
+            if point["peers"] < 0:
+                segments.append([])
                 continue
-            y = _TOP + _PLOT_H - peers / ymax * _PLOT_H
-            segment.append(f"{x:.1f},{y:.1f}")
-            dots.append(
-                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2" fill="{color}" data-start="{int(point["start"])}" '
-                f'data-peers="{int(peers)}"><title>{esc(name)} {_clock(point["start"])} UTC: {int(peers)} '
-                "peers</title></circle>"
-            )
+            x = _LEFT + ((point["start"] - first) // MINUTE + 0.5) * width
+            y = _TOP + _PLOT_H - point["peers"] / ymax * _PLOT_H
+            segments[-1].append((x, y, point))
+        dots = [part[0] for part in segments if len(part) == 1]
         for part in segments:
             if len(part) > 1:
-                body.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(part)}"/>')
-        body.extend(dots)
+                coordinates = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in part)
+                body.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coordinates}"/>')
+        if segments[-1] and segments[-1][-1] not in dots:
+            dots.append(segments[-1][-1])
+        for x, y, point in dots:
+            body.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}" data-start="{int(point["start"])}" '
+                f'data-peers="{int(point["peers"])}"><title>{esc(name)} {_clock(point["start"])} UTC: '
+                f'{int(point["peers"])} peers</title></circle>'
+            )
         body.append("</g>")
     return _frame("peers", "connected peers per gateway, last hour", ymax, starts, body)
 

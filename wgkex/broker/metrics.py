@@ -15,6 +15,7 @@ domain, peers per worker and domain.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -81,6 +82,40 @@ class _LiveCollector:
         yield worker_online
 
 
+class ConnectionCounts(Protocol):
+    """What the site counts about connections (:class:`wgkex.broker.site.BrokerSite`)."""
+
+    @property
+    def open_connections(self) -> int: ...
+
+    refused_connections: int
+    replaced_connections: int
+    timed_out_requests: int
+
+
+class _ConnectionCollector:
+    """Reads the site's connection counts at scrape time."""
+
+    def __init__(self, counts: ConnectionCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._counts
+        open_now = GaugeMetricFamily("wgkex_broker_http_connections", "HTTP connections open now")
+        open_now.add_metric([], float(c.open_connections))
+        yield open_now
+        closed = CounterMetricFamily(
+            "wgkex_broker_http_connections_cut",
+            "HTTP connections closed by the broker's bounds: refused (per-address cap),"
+            " replaced (site full), request_timeout (408)",
+            labels=["reason"],
+        )
+        closed.add_metric(["refused"], float(c.refused_connections))
+        closed.add_metric(["replaced"], float(c.replaced_connections))
+        closed.add_metric(["request_timeout"], float(c.timed_out_requests))
+        yield closed
+
+
 class BrokerMetrics:
     """All metrics of one broker, in a registry of its own."""
 
@@ -142,6 +177,10 @@ class BrokerMetrics:
     def count_bus_invalid(self, refused: Refused) -> None:
         """Count one refused worker report (both labels come from the contract's fixed sets)."""
         self.bus_invalid.labels(refused.kind, refused.reason).inc()
+
+    def watch_connections(self, counts: ConnectionCounts) -> None:
+        """Export the HTTP site's connection counts (open, and closed by which bound)."""
+        self.registry.register(_ConnectionCollector(counts))
 
     def render(self) -> bytes:
         """The text exposition of every metric of this broker."""

@@ -5,7 +5,8 @@ the reverse one:
 
 - ``logging``: applies ``log_level`` / ``logging_config``;
 - ``keylists``: reads the key block/allow lists, re-reads them on SIGHUP;
-- ``mqtt``: the MQTT connection; the worker picture subscribes through it;
+- ``mqtt``: the MQTT connection; the worker picture subscribes through it; keys
+  not yet acknowledged are kept in a spool under ``broker.state_dir``;
 - ``sigterm``: a clean SIGTERM exits with status 0;
 - ``http``: the listener for ``broker_listen`` (:class:`wgkex.listen.ListenService`,
   any Twisted server endpoint description; ``backlog=`` is added for
@@ -39,6 +40,7 @@ from wgkex.contract import METRICS_FILTER
 from wgkex.listen import ListenService, with_backlog
 from wgkex.logs import LoggingService
 from wgkex.mqtt import MqttService
+from wgkex.mqtt.spool import Spool
 from wgkex.reactor import IReactor
 from wgkex.sigterm import CleanSigterm
 
@@ -103,7 +105,8 @@ def build_broker(
     """Build (not start) the whole broker for ``config`` on ``reactor``."""
     clock: IReactorTime = reactor
     b = config.broker
-    mqtt = mqtt_factory(reactor, config.mqtt, name="mqtt")
+    spool = Spool(b.state_dir, label=f"wgkex broker: {config.path}: broker.state_dir")
+    mqtt = mqtt_factory(reactor, config.mqtt, name="mqtt", spool=spool)
     picture = WorkerPicture(config.domains, config.weight, clock)
     metrics = BrokerMetrics(picture, lambda: mqtt)
     tracker = WorkerTracker(picture, clock, on_invalid=metrics.count_bus_invalid)
@@ -118,6 +121,7 @@ def build_broker(
         max_per_address=b.max_connections_per_address,
         max_connections=b.max_connections or connection_limit(open_files()),
     )
+    metrics.watch_connections(site)
     listener = ListenService(reactor, with_backlog(b.listen, b.backlog), site, config.path, "broker_listen")
 
     tree = MultiService()

@@ -243,6 +243,9 @@ class BrokerChannel(http.HTTPChannel):
         current = self.requests[-1] if self.requests else None
         if not (isinstance(current, LimitedRequest) and current.refused):
             transport.write(too_slow_reply(self.request_timeout))
+        factory = getattr(self, "factory", None)
+        if isinstance(factory, BrokerSite):
+            factory.timed_out_requests += 1
         self._close_now()
 
     def timeoutConnection(self) -> None:
@@ -393,6 +396,7 @@ class BrokerSite(server.Site):
         self._open: dict[BrokerChannel, str] = {}
         self.refused_connections = 0
         self.replaced_connections = 0
+        self.timed_out_requests = 0
 
     def log(self, request: object) -> None:
         pass

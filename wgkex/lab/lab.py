@@ -177,8 +177,8 @@ class Lab:
         settings = broker_config(domains=[self.domain], prefixes=self.prefixes, weights=self.weights,
                                  mqtt_port=self.mosquitto.port, listen_port=self.broker_port,
                                  keepalive=self.keepalive)
-        if self.broker_settings:
-            settings["broker"] = dict(self.broker_settings)
+        # The lab's own spool directory, so that no other broker replays its keys (or it theirs).
+        settings["broker"] = {"state_dir": os.path.join(self.directory, "broker-state"), **self.broker_settings}
         config = write_config(os.path.join(self.directory, "broker.yaml"), settings)
         self.broker_argv = [twistd(), "-n", "--pidfile=", "wgkex-broker", "--config", config]
         self.start_broker()

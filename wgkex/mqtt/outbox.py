@@ -13,6 +13,11 @@ in flight goes back in front of the queue, in order, and everything is sent
 again on the next :meth:`Outbox.open`: at least once, in publish order.
 :meth:`Outbox.drain` waits (bounded, on the injected clock) for the publishes
 made so far; :meth:`Outbox.abandon` fails what is left when the service stops.
+
+With a :class:`~wgkex.mqtt.spool.Spool` (the broker's) every publish is also
+written there before it is queued or sent, and released from it when
+acknowledged; :meth:`Outbox.start` queues what an earlier run left in it, and
+:meth:`Outbox.abandon` leaves what is unacknowledged there for the next start.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 
 from wgkex.bus import QueueFull
 from wgkex.mqtt.filters import check_topic
+from wgkex.mqtt.spool import Spool, SpoolError, Ticket
 
 #: Publishes handed to the client and not yet acknowledged, at most. Paho's default of
 #: 20 in-flight QoS 1 messages lets a busy broker run far ahead of the bus.
@@ -42,6 +49,8 @@ class Publish:
     qos: int
     retain: bool
     deferred: Deferred[None] = field(default_factory=Deferred)
+    #: Where the spool keeps it (None: not spooled).
+    ticket: Ticket | None = None
 
 
 #: Hands one publish to the client: its message id, or None when the client refused it now.
@@ -63,8 +72,14 @@ def fire(d: Deferred[None]) -> None:
 class Outbox:
     """The queue, the in-flight window and the acknowledgements of one MQTT connection."""
 
-    def __init__(self, clock: Timer, limit: int, server: str, window: int = WINDOW) -> None:
+    log = Logger()
+
+    def __init__(
+        self, clock: Timer, limit: int, server: str, window: int = WINDOW, spool: Spool | None = None
+    ) -> None:
         self._clock = clock
+        self.spool = spool
+        self._spool_failing = False
         self.limit = limit
         #: The server as log lines and errors name it.
         self.server = server
@@ -86,19 +101,37 @@ class Outbox:
         if qos not in (0, 1):
             raise ValueError(f"MQTT publish QoS must be 0 or 1, got {qos!r}")
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        entry = Publish(topic, data, qos, retain)
         if self._queue or not self._can_send():
             if len(self._queue) >= self.limit:
                 raise QueueFull(
                     f"{len(self._queue)} publishes already wait for the MQTT server {self.server}"
                     f" (mqtt.queue_limit is {self.limit})"
                 )
-            entry = Publish(topic, data, qos, retain)
+            self._keep(entry)
             self._queue.append(entry)
             return entry.deferred
-        entry = Publish(topic, data, qos, retain)
+        self._keep(entry)
         if not self._hand_over(entry):
             self._queue.append(entry)
         return entry.deferred
+
+    def start(self) -> None:
+        """Open the spool and queue, in order, what an earlier run left unacknowledged in it.
+
+        Raises :class:`~wgkex.mqtt.spool.SpoolError` when the spool cannot be used.
+        """
+        if self.spool is None:
+            return
+        records = self.spool.open()
+        for r in records:
+            self._queue.append(Publish(r.topic, r.payload, r.qos, r.retain, ticket=r.ticket))
+        if records or self.spool.skipped:
+            self.log.info(
+                "MQTT: {count} publishes an earlier run left unacknowledged are queued again from {directory}"
+                " ({skipped} unreadable lines skipped)",
+                count=len(records), directory=self.spool.directory, skipped=self.spool.skipped,
+            )
 
     # -- the connection's side ------------------------------------------------------------------
 
@@ -160,7 +193,11 @@ class Outbox:
         return result
 
     def abandon(self, error: Callable[[Publish], Exception]) -> int:
-        """Fire what was acknowledged, fail every other publish with ``error(entry)``; how many failed."""
+        """The service stops: fire what was acknowledged, fail the rest with ``error(entry)``.
+
+        What is unacknowledged stays in the spool, if there is one, for the next start; one
+        line says how many. Returns how many publishes failed.
+        """
         self._send = None
         self._fire_acked()
         leftover = list(self._inflight.values()) + list(self._queue)
@@ -169,9 +206,37 @@ class Outbox:
         for entry in leftover:
             if not entry.deferred.called:
                 entry.deferred.errback(error(entry))
+        if self.spool is not None:
+            kept = self.spool.close()
+            if kept:
+                self.log.warn(
+                    "MQTT stopped with {count} publishes not acknowledged by {server}; they stay in {directory}"
+                    " and are published on the next start",
+                    count=kept, server=self.server, directory=self.spool.directory,
+                )
+        elif leftover:
+            self.log.warn(
+                "MQTT service stopped with {count} publishes not acknowledged by {server}; they are dropped",
+                count=len(leftover), server=self.server,
+            )
         return len(leftover)
 
     # -- inside ---------------------------------------------------------------------------------
+
+    def _keep(self, entry: Publish) -> None:
+        """Spool ``entry`` before anyone is told it was accepted; QueueFull when that fails."""
+        if self.spool is None:
+            return
+        try:
+            entry.ticket = self.spool.append(entry.topic, entry.payload, entry.qos, entry.retain)
+        except SpoolError as exc:
+            if not self._spool_failing:
+                self.log.error("MQTT: cannot spool publishes, refusing them until it works again: {error}", error=exc)
+            self._spool_failing = True
+            raise QueueFull(f"the publish cannot be kept until the server has it: {exc}") from None
+        if self._spool_failing:
+            self.log.info("MQTT: spooling publishes works again")
+            self._spool_failing = False
 
     def _can_send(self) -> bool:
         return self._send is not None and len(self._inflight) < self.window
@@ -192,5 +257,8 @@ class Outbox:
                     outstanding.discard(entry)
                     if not outstanding:
                         fire(done)
+                if entry.ticket is not None and self.spool is not None:
+                    self.spool.release(entry.ticket)
+                    entry.ticket = None
                 if not entry.deferred.called:
                     entry.deferred.callback(None)

@@ -94,6 +94,16 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
+def _tcp_socket(sock: Any) -> Any:
+    """The TCP socket under paho's socket object, to shut it down.
+
+    With ``transport: websockets`` paho wraps the TCP socket in its private
+    ``_WebsocketWrapper``, which keeps it in the private ``_socket`` and has no
+    ``shutdown``; there is no public accessor, so this one place reaches in.
+    """
+    return getattr(sock, "_socket", sock)
+
+
 @implementer(IReadWriteDescriptor)
 class _Descriptor:
     """One connection's socket as the reactor sees it."""
@@ -282,9 +292,8 @@ class ReactorSocket:
         descriptor = self.descriptor
         if descriptor is None:
             return
-        raw = getattr(descriptor.sock, "_socket", descriptor.sock)  # websockets wrap the socket
         try:
-            raw.shutdown(socket.SHUT_RDWR)
+            _tcp_socket(descriptor.sock).shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         client = self.client

@@ -19,7 +19,9 @@ before it (still reconnecting meanwhile if it must), lets a connect attempt
 already in the pool finish, sends DISCONNECT (a clean goodbye: the server drops
 the last will) and gives it :data:`DISCONNECT_TIMEOUT` to be written before
 cutting the socket: with the server unreachable a stop ends within about 11 s.
-What is still unacknowledged then fails with :class:`~wgkex.bus.MqttStopped`.
+What is still unacknowledged then fails with :class:`~wgkex.bus.MqttStopped`;
+with a :class:`~wgkex.mqtt.spool.Spool` (the broker's) it stays there and is
+published again on the next start, and the stop logs one line saying how many.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from wgkex.mqtt.filters import Subscriptions
 from wgkex.mqtt.outbox import Outbox, Publish
 from wgkex.mqtt.paho_socket import DescriptorReactor, ReactorSocket
 from wgkex.mqtt.servers import ServerList, describe_server, disconnect_reason
+from wgkex.mqtt.spool import Spool, SpoolError
 
 #: How long ``stopService`` waits for outstanding acknowledgements, seconds.
 STOP_TIMEOUT = 5.0
@@ -76,6 +79,7 @@ class MqttService(Service):
         clean_session: bool = True,
         will: Will | None = None,
         name: str = "mqtt",
+        spool: Spool | None = None,
     ) -> None:
         self._reactor = reactor
         self.settings = settings
@@ -95,7 +99,7 @@ class MqttService(Service):
         #: Successful connects after the first.
         self.reconnects = 0
         self.subscriptions = Subscriptions()
-        self.outbox = Outbox(reactor, settings.queue_limit, describe_server(settings))
+        self.outbox = Outbox(reactor, settings.queue_limit, describe_server(settings), spool=spool)
         self._io = ReactorSocket(reactor, name, self.outbox.settle, self._lost)
         self._connect_callbacks: list[Callable[[], None]] = []
         self._disconnect_callbacks: list[Callable[[], None]] = []
@@ -151,6 +155,10 @@ class MqttService(Service):
     # -- service life -------------------------------------------------------------------------
 
     def startService(self) -> None:
+        try:
+            self.outbox.start()
+        except SpoolError as exc:
+            raise SystemExit(str(exc)) from None  # one line: the spool names file, key and problem
         super().startService()  # type: ignore[no-untyped-call,unused-ignore]
         self._stopping = False
         client = make_client(self.settings, self.client_id, self.clean_session, self.will)
@@ -170,12 +178,7 @@ class MqttService(Service):
 
     async def _stop(self) -> None:
         if self._client is not None:
-            left = await self.outbox.drain(STOP_TIMEOUT)
-            if left:
-                self.log.warn(
-                    "MQTT: {count} publishes still unacknowledged by {server} after {timeout} s; stopping anyway",
-                    count=left, server=self.server, timeout=STOP_TIMEOUT,
-                )
+            await self.outbox.drain(STOP_TIMEOUT)  # what is left then, abandon() reports in one line
         self._stopping = True
         self.connector.stop()
         await self.connector.settled()
@@ -189,12 +192,7 @@ class MqttService(Service):
                 setattr(self._client, attr, None)
             self._io.unfollow(self._client)
         self._client = None
-        dropped = self.outbox.abandon(self._stopped_error)
-        if dropped:
-            self.log.warn(
-                "MQTT service stopped with {count} publishes not acknowledged by {server}; they are dropped",
-                count=dropped, server=self.server,
-            )
+        self.outbox.abandon(self._stopped_error)
 
     def _stopped_error(self, entry: Publish) -> Exception:
         return MqttStopped(f"MQTT service stopped before {self.server} acknowledged {entry.topic}")

@@ -64,6 +64,12 @@ class KnownKeys:
     def first_seen(self, domain: str, key: str) -> float | None:
         return self._first_seen[domain].get(key)
 
+    def received_during_sweep(self, domain: str) -> frozenset[str] | set[str]:
+        """Keys of ``domain`` received (or whose clock restarted) since the running sweep began."""
+        if self._touched is None:
+            return frozenset()
+        return self._touched[domain]
+
     def snapshot(self) -> dict[str, dict[str, float]]:
         """A copy for a sweep running in the pool thread; marks the sweep as begun."""
         self._touched = {d: set() for d in self._first_seen}

@@ -1,22 +1,26 @@
 """The threads where all netlink and UAPI work happens, as a Twisted service.
 
-:class:`BackendPool` owns a one-thread :class:`~twisted.python.threadpool.ThreadPool`
-(the *job thread*) and a second thread that holds the WireGuard backend
-(:class:`WireGuardThread`). The rtnetlink backend is created *in* the job
-thread when the service starts (pyroute2 keeps one socket per thread), reused
-by every job and closed in that thread when the service stops; the WireGuard
-backend likewise lives, is called and is closed only in its own thread.
-Callers on the reactor use :meth:`BackendPool.run`, which hands
-``fn(backends, *args)`` to the job thread and returns a
-:class:`~twisted.internet.defer.Deferred` of its result.
+:class:`BackendPool` owns two *lanes* (:class:`Lane`): each is one thread with
+backends of its own (a WireGuard backend and an rtnetlink socket, created in
+that thread when the service starts, reused by every job, closed there when it
+stops; pyroute2 keeps one socket per thread). Callers on the reactor use
+``lane.run(fn, *args)``, which hands ``fn(backends, *args)`` to the lane's
+thread and returns a :class:`~twisted.internet.defer.Deferred` of its result.
 
-Why one job thread: the backends hold per-thread sockets, and running jobs one
-after the other gives the order the worker relies on (a key queued after a
-sweep is applied after that sweep's removals). Throughput comes from batching
-(one UAPI transaction and one netlink send per interface and chunk of keys),
-not from parallel jobs.
+* ``keys``: new keys, re-applies, interface checks: short jobs, where a router
+  waits for the result.
+* ``housekeeping``: whole peer dumps (connected-peer counts, the start-up dump,
+  stale-peer sweeps). A dump of 100,000 peers takes about a second; in a lane
+  of its own it never delays a key (the sweep also removes in chunks, see
+  :mod:`wgkex.worker.sweep`, which gives the measured effect).
 
-Why a WireGuard thread: within one job, adding peers (wireguard-go spends
+Within a lane jobs run one after the other, in order; that is the order the
+apply path relies on (a re-apply queued after a batch runs after it).
+Throughput comes from batching (one UAPI transaction and one netlink send per
+interface and chunk of keys), not from parallel jobs.
+
+The key lane's WireGuard backend lives in a thread of its own
+(:class:`WireGuardThread`): within one job, adding peers (wireguard-go spends
 about 80 µs of its own CPU per new peer) and installing routes and FDB entries
 (the kernel works inside our ``send()``) can overlap, so a burst costs about
 the longer of the two rather than their sum. A job asks for that with
@@ -25,19 +29,6 @@ returns, so jobs stay strictly one after the other. A plain
 ``backends.wireguard.add_peers(...)`` call simply waits for the WireGuard
 thread.
 
-While it runs, the pool sets Python's thread switch interval to
-:data:`SWITCH_INTERVAL` (1 ms instead of 5): when the reactor wakes up (a
-request, a key) while a pool thread runs Python code, it waits up to one
-interval for the GIL, several times per request. Measured with 100,000 peers
-counted and swept every second: ``/healthz`` p99 27 ms -> 8 ms, max 38 ms ->
-22 ms; a 20,000-key burst is as fast as before.
-
-Jobs that hold a whole peer dump (100,000 :class:`~wgkex.worker.backend.PeerInfo`
-on a big gateway) run inside :data:`gc_paused`: reference counting frees
-the dump when the job ends, while the cyclic garbage collector would otherwise
-run two or three full collections per dump (30-45 ms each, measured with
-100,000 peers), and the reactor cannot run during a collection.
-
 Anything that only needs "run this with the backends" depends on the
 :class:`Pool` protocol, so tests use a synchronous fake.
 """
@@ -45,7 +36,6 @@ Anything that only needs "run this with the backends" depends on the
 from __future__ import annotations
 
 import gc
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -53,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -176,65 +166,43 @@ class Pool(Protocol):
         ...
 
 
-#: Python's thread switch interval while the pool runs (seconds); see the module docstring.
-SWITCH_INTERVAL = 0.001
-
-
 def _wireguard_executor() -> Executor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="wgkex-wireguard")
 
 
-class BackendPool(Service):
-    """A service owning the netlink/UAPI threads and the backends living in them."""
+class Lane:
+    """One thread with its own backends; its jobs run one after the other, in order (a :class:`Pool`)."""
 
     log = Logger()
 
     def __init__(
         self,
         reactor: IReactorFromThreads,
-        make_wireguard: Callable[[], WireGuard],
-        make_rtnl: Callable[[], Rtnl],
-        name: str = "netlink-pool",
-        threadpool_factory: Callable[[], ThreadPool] | None = None,
-        wireguard_executor_factory: Callable[[], Executor] = _wireguard_executor,
-        switch_interval: float | None = SWITCH_INTERVAL,
+        name: str,
+        make_backends: Callable[[], Backends],
+        threadpool_factory: Callable[[str], ThreadPool],
     ) -> None:
+        self.name = name
         self._reactor = reactor
-        self._make_wireguard = make_wireguard
-        self._make_rtnl = make_rtnl
-        self._threadpool_factory = threadpool_factory or (
-            lambda: ThreadPool(minthreads=1, maxthreads=1, name="wgkex-netlink")
-        )
-        self._wireguard_executor_factory = wireguard_executor_factory
-        self._switch_interval = switch_interval
-        self._previous_switch_interval: float | None = None
-        self.setName(name)
+        self._make_backends = make_backends
+        self._threadpool_factory = threadpool_factory
         self._threadpool: ThreadPool | None = None
-        # Touched only inside the pool thread.
+        # Touched only inside the lane's thread.
         self._backends: Backends | None = None
         self._create_error: BaseException | None = None
 
-    def startService(self) -> None:
-        super().startService()
-        if self._switch_interval is not None:
-            self._previous_switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(self._switch_interval)
-        self._threadpool = self._threadpool_factory()
+    def start(self) -> None:
+        """Start the thread; its first job creates the backends."""
+        self._threadpool = self._threadpool_factory(f"wgkex-{self.name}")
         self._threadpool.start()
-        # The first job: every later job runs after it in the same thread.
         d = deferToThreadPool(self._reactor, self._threadpool, self._create)
-        d.addErrback(lambda f: self.log.failure("cannot create the WireGuard/rtnetlink backends", f))
+        d.addErrback(
+            lambda f: self.log.failure("cannot create the WireGuard/rtnetlink backends of the {lane} lane", f, lane=self.name)
+        )
 
     def _create(self) -> None:
         try:
-            # The WireGuard thread starts here, in the job thread, not on the reactor.
-            wireguard = WireGuardThread(self._wireguard_executor_factory(), self._make_wireguard)
-            try:
-                rtnl = self._make_rtnl()
-            except BaseException:
-                wireguard.close()
-                raise
-            self._backends = Backends(wireguard=wireguard, rtnl=rtnl)
+            self._backends = self._make_backends()
         except BaseException as exc:
             self._create_error = exc
             raise
@@ -247,11 +215,9 @@ class BackendPool(Service):
     def run(
         self, fn: Callable[Concatenate[Backends, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> Deferred[T]:
-        if self._threadpool is None or not self.running:
+        if self._threadpool is None:
             return fail(PoolStopped("the netlink pool is stopped"))
-        return deferToThreadPool(
-            self._reactor, self._threadpool, self._call, fn, args, kwargs
-        )
+        return deferToThreadPool(self._reactor, self._threadpool, self._call, fn, args, kwargs)
 
     def _close(self) -> None:
         backends, self._backends = self._backends, None
@@ -261,23 +227,66 @@ class BackendPool(Service):
             try:
                 backend.close()
             except Exception:
-                self.log.failure("closing the {name} backend failed", name=name)
+                self.log.failure("closing the {name} backend of the {lane} lane failed", name=name, lane=self.name)
 
-    def stopService(self) -> Deferred[None]:
-        """Close the backends in their threads after the queued jobs, then join the (idle) threads."""
-        super().stopService()
+    def stop(self) -> Deferred[None]:
+        """Close the backends in the thread after the queued jobs, then join the (idle) thread."""
         threadpool, self._threadpool = self._threadpool, None
         if threadpool is None:
             return succeed(None)
         d: Deferred[None] = deferToThreadPool(self._reactor, threadpool, self._close)
-        d.addErrback(lambda f: self.log.failure("closing the backends failed", f))
-
-        def join(_: object) -> None:
-            threadpool.stop()
-            if self._previous_switch_interval is not None:
-                sys.setswitchinterval(self._previous_switch_interval)
-                self._previous_switch_interval = None
-
-        d.addBoth(join)
+        d.addErrback(lambda f: self.log.failure("closing the backends of the {lane} lane failed", f, lane=self.name))
+        d.addBoth(lambda _: threadpool.stop())
         return d
 
+
+def _one_thread(name: str) -> ThreadPool:
+    return ThreadPool(minthreads=1, maxthreads=1, name=name)
+
+
+class BackendPool(Service):
+    """A service owning the two lanes (``keys`` and ``housekeeping``) and the backends living in them."""
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        make_wireguard: Callable[[], WireGuard],
+        make_rtnl: Callable[[], Rtnl],
+        name: str = "netlink-pool",
+        threadpool_factory: Callable[[str], ThreadPool] = _one_thread,
+        wireguard_executor_factory: Callable[[], Executor] = _wireguard_executor,
+    ) -> None:
+        self.setName(name)
+
+        def key_backends() -> Backends:
+            # The WireGuard thread starts here, in the lane's thread, not on the reactor.
+            wireguard = WireGuardThread(wireguard_executor_factory(), make_wireguard)
+            try:
+                return Backends(wireguard=wireguard, rtnl=make_rtnl())
+            except BaseException:
+                wireguard.close()
+                raise
+
+        def housekeeping_backends() -> Backends:
+            wireguard = make_wireguard()
+            try:
+                return Backends(wireguard=wireguard, rtnl=make_rtnl())
+            except BaseException:
+                wireguard.close()
+                raise
+
+        #: New keys and re-applies, interface checks.
+        self.keys = Lane(reactor, "keys", key_backends, threadpool_factory)
+        #: Whole peer dumps: counts, the start-up dump, sweeps.
+        self.housekeeping = Lane(reactor, "housekeeping", housekeeping_backends, threadpool_factory)
+
+    def startService(self) -> None:
+        super().startService()
+        self.keys.start()
+        self.housekeeping.start()
+
+    def stopService(self) -> Deferred[None]:
+        """Close both lanes' backends after their queued jobs, then join their threads."""
+        super().stopService()
+        both = DeferredList([self.keys.stop(), self.housekeeping.stop()], consumeErrors=True)
+        return both.addCallback(lambda _: None)

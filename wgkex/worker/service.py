@@ -1,47 +1,45 @@
-"""The worker's service tree and the logic that ties its pieces together.
+"""The worker's service tree: :func:`build_worker` makes it from a configuration and a reactor.
 
-:func:`build_worker` assembles (without starting anything)::
+Nothing is opened while the tree is built (twistd forks afterwards); sockets,
+threads and timers start in ``startService``. The tree, in start order (an
+:class:`~wgkex.services.OrderedMultiService`: it stops in reverse, each part
+after the one started after it has stopped)::
 
-    WorkerRoot
-     ├─ BackendPool     the netlink/UAPI thread and its backends   (starts first)
-     ├─ WorkerService   keys in, reports out, sweeps, interface watch, connectivity check
-     ├─ status HTTP     /metrics and /healthz on worker_listen     (optional; a busy address is retried)
-     └─ MQTT            subscriptions, last will                    (starts last)
+    worker root
+     ├─ logging, sigterm   log levels; SIGTERM ends the reactor cleanly   (stop last)
+     ├─ netlink-pool       the keys and housekeeping lanes with their backends
+     ├─ worker             keys in (peers.KeyApplier), sweeps, interface watch,
+     │   │                 connectivity check; on stop: applies what is queued
+     │   ├─ interface-watch  every 5 s, at once on start
+     │   ├─ metrics          every metrics_interval: status and data again, peer counts,
+     │   │                   retries of failed keys
+     │   └─ sweep            every cleanup_interval: stale peers
+     ├─ status-http        /metrics and /healthz on worker_listen (optional)
+     ├─ mqtt               subscriptions, persistent session, last will status 0
+     └─ goodbye            on stop: metric -1 per domain and status 0, before MQTT stops
 
-Start order is the list order: the pool exists before a key can arrive, the
-start-up dump is queued before the first key. Stop order is explicit
-(:meth:`WorkerRoot.stopService`) because the contract needs it: the worker
-publishes metric ``-1`` per domain and status ``0`` synchronously in its
-``stopService``, *before* MQTT's ``stopService`` runs (which waits for their
-acknowledgements, then disconnects cleanly); meanwhile queued keys are still
-applied; the pool stops (closing the backends in their thread) only after that.
-
-Timers of :class:`WorkerService`:
-
-* interface watch every ``watch_interval`` (5 s): re-applies known keys of a
-  domain whose interfaces were recreated, republishes its data, keeps the
-  connectivity check bound;
-* metrics every ``metrics_interval``: status and data again, connected-peer
-  counts (also right after each connect) and a retry of keys that failed;
-* sweep every ``cleanup_interval``: stale peers.
+So at shutdown the goodbye is queued first; MQTT then waits for its
+acknowledgements and disconnects; the worker applies the keys that arrived
+until then; only then do the lanes close their backends.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.task import LoopingCall
+from twisted.application.internet import TimerService
+from twisted.application.service import IService, IServiceCollection, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from wgkex.config import Config
 from wgkex.reactor import IReactor
-from wgkex.contract import key_filter
+from wgkex.contract import encode_status, key_filter, status_topic
+from wgkex.services import LaterTimerService, OrderedMultiService
 from wgkex.bus import Bus
+from wgkex.worker.domains import Interfaces, domain_interfaces
 from wgkex.worker.http import ConnectivityCheck, Listen, StatusListener, status_site
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
@@ -56,48 +54,82 @@ from wgkex.worker.watch import InterfaceState, InterfaceWatch, if_index
 WATCH_INTERVAL = 5.0
 #: Longest wait at shutdown for queued keys to be applied.
 DRAIN_TIMEOUT = 10.0
+#: What the worker says to SIGHUP.
+HANGUP = "the worker has nothing to reload; restart it to apply a changed configuration"
 
 
-class WorkerService(Service):
-    """Keys from the bus to the kernel, state back to the bus, and the housekeeping timers."""
+class _Child(Protocol):
+    """Enough of a service to join the tree."""
+
+    def setServiceParent(self, parent: IServiceCollection) -> None: ...
+
+
+class BusService(Bus, _Child, Protocol):
+    """The MQTT service as the tree sees it (``MqttService``; tests pass a fake)."""
+
+
+class LanesService(_Child, Protocol):
+    """The netlink pool as the tree sees it (``BackendPool``; tests pass a fake)."""
+
+    @property
+    def keys(self) -> Pool: ...
+
+    @property
+    def housekeeping(self) -> Pool: ...
+
+
+class WorkerService(MultiService):
+    """Keys from the bus to the kernel and the housekeeping timers (its children)."""
 
     log = Logger()
 
     def __init__(
         self,
         config: Config,
+        interfaces: Mapping[str, Interfaces],
         reactor: IReactor,
         bus: Bus,
-        pool: Pool,
+        lanes: LanesService,
+        metrics: WorkerMetrics,
+        reporter: Reporter,
         *,
-        metrics: WorkerMetrics | None = None,
         ifindex: Callable[[str], int | None] = if_index,
         listen: Listen | None = None,
         watch_interval: float = WATCH_INTERVAL,
         drain_timeout: float = DRAIN_TIMEOUT,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__()
         self.setName("worker")
         self.config = config
+        self._interfaces = interfaces
         self._clock = reactor
         self._bus = bus
-        self._watch_interval = watch_interval
         self._drain_timeout = drain_timeout
-        self.metrics = metrics or WorkerMetrics(config.domains)
+        self.metrics = metrics
+        self.reporter = reporter
         self.known = KnownKeys(config.domains)
-        self.applier = KeyApplier(config, pool, self.known, self.metrics, reactor, monotonic, own_key=self._own_key)
-        self.reporter = Reporter(config, bus, pool, self.metrics, reactor)
-        self.sweeper = Sweeper(config, pool, self.known, self.metrics, reactor, monotonic)
-        self.watch = InterfaceWatch(config, pool, self._interface_changed, ifindex)
+        self.applier = KeyApplier(
+            config, interfaces, lanes.keys, self.known, metrics, reactor, monotonic, own_key=self._own_key
+        )
+        self.sweeper = Sweeper(
+            config, interfaces, lanes.housekeeping, self.known, metrics, reactor, self.applier.reapply, monotonic
+        )
+        self.watch = InterfaceWatch(interfaces, lanes.keys, self._interface_changed, ifindex)
         self.connectivity: ConnectivityCheck | None = None
         if config.worker.connectivity_check:
             self.connectivity = ConnectivityCheck(
-                reactor,
-                config.worker.connectivity_check_port,
-                {d: config.wg_interface(d) for d in config.domains},
-                listen,
+                reactor, config.worker.connectivity_check_port, {d: i.wg for d, i in interfaces.items()}, listen
             )
-        self._loops: list[LoopingCall] = []
+        w = config.worker
+        for name, timer in (
+            ("interface-watch", TimerService(watch_interval, self._check_interfaces)),
+            ("metrics", LaterTimerService(w.metrics_interval, self._metrics_tick)),
+            ("sweep", LaterTimerService(w.cleanup_interval, self.sweeper.sweep)),
+        ):
+            timer.setName(name)
+            timer.clock = reactor
+            timer.setServiceParent(self)
         # Registering callbacks opens nothing; the MQTT service (re)subscribes on every connect.
         for domain in config.domains:
             bus.subscribe(key_filter(domain), 1, self.applier.on_message)
@@ -112,37 +144,22 @@ class WorkerService(Service):
     # -- lifecycle ----------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
         self.log.info(
             "Worker {name} serving domains {domains}", name=self.config.worker.name, domains=", ".join(self.config.domains)
         )
-        w = self.config.worker
+        # The start-up dump goes first into the housekeeping lane, before any sweep or count.
         self.sweeper.seed()
-        self._start_loop(self._check_interfaces, self._watch_interval, now=True)
-        self._start_loop(self._metrics_tick, w.metrics_interval, now=False)
-        self._start_loop(self.sweeper.sweep, w.cleanup_interval, now=False)
+        super().startService()
 
-    def _start_loop(self, fn: Callable[[], object], interval: float, now: bool) -> None:
-        loop = LoopingCall(fn)
-        loop.clock = self._clock
-        self._loops.append(loop)
-        loop.start(interval, now=now).addErrback(self._loop_failed, getattr(fn, "__name__", repr(fn)))
-
-    def _loop_failed(self, failure: Failure, name: str) -> None:
-        self.log.failure("the periodic task {name} stopped", failure, name=name)
-
-    def stopService(self) -> Deferred[object]:
-        """Publish the goodbye now, then close listeners and apply what is queued."""
-        super().stopService()
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        self._loops = []
-        self.reporter.goodbye()
-        waits: list[Deferred[Any]] = [self.applier.stop(self._drain_timeout)]
+    def stopService(self) -> Deferred[None]:
+        """Stop the timers (a sweep in progress ends after its current job), close the connectivity
+        check, apply what is queued."""
+        self.sweeper.stop()
+        timers: Deferred[Any] = super().stopService()
+        waits: list[Deferred[Any]] = [timers, self.applier.stop(self._drain_timeout)]
         if self.connectivity is not None:
             waits.append(self.connectivity.stop())
-        return DeferredList(waits, consumeErrors=True)  # type: ignore[return-value]
+        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     # -- MQTT ---------------------------------------------------------------------------------
 
@@ -171,7 +188,7 @@ class WorkerService(Service):
         return d
 
     def _interface_changed(self, domain: str, old: InterfaceState | None, new: InterfaceState) -> None:
-        wg, vx = self.config.wg_interface(domain), self.config.vx_interface(domain)
+        wg, vx = self._interfaces[domain].wg, self._interfaces[domain].vx
         if not new.complete:
             missing = " and ".join(name for name, index in ((wg, new.wg_index), (vx, new.vx_index)) if index is None)
             if old is None or old.complete:
@@ -206,63 +223,102 @@ class WorkerService(Service):
         return {"mqtt_connected": self._bus.connected, "pending_keys": self.applier.pending}
 
 
-class WorkerRoot(MultiService):
-    """Starts children in order; stops the worker, then MQTT and the status listener, then the pool."""
+class Goodbye(Service):
+    """Publishes the goodbye (metric -1 per domain, status 0) when the tree stops, before MQTT stops."""
 
-    def __init__(
-        self,
-        pool: IService,
-        worker: WorkerService,
-        bus: IService,
-        status: IService | None = None,
-        support: Sequence[IService] = (),
-    ) -> None:
-        super().__init__()
-        self.pool = pool
-        self.worker = worker
-        self.bus = bus
-        self.status = status
-        #: Started first, stopped last (logging set-up, the SIGTERM handler).
-        self.support = list(support)
-        for child in (*self.support, pool, worker, status, bus):
-            if child is not None:
-                child.setServiceParent(self)
+    def __init__(self, reporter: Reporter) -> None:
+        self.setName("goodbye")
+        self._reporter = reporter
 
-    def stopService(self) -> Deferred[object]:
-        Service.stopService(self)
-        # The worker publishes its goodbye synchronously here, before MQTT's stopService
-        # (which waits for the acknowledgements) is even called.
-        worker_done = maybeDeferred(self.worker.stopService)
-        others = [maybeDeferred(self.bus.stopService)]
-        if self.status is not None:
-            others.append(maybeDeferred(self.status.stopService))
-        # The pool goes last: queued keys are still being applied through it.
-        worker_done.addBoth(lambda _: self.pool.stopService())
-        done = DeferredList([worker_done, *others], consumeErrors=True)
+    def stopService(self) -> None:
+        super().stopService()
+        self._reporter.goodbye()
 
-        def stop_support(_: object) -> Deferred[Any]:
-            return DeferredList([maybeDeferred(s.stopService) for s in reversed(self.support)], consumeErrors=True)
 
-        return done.addBoth(stop_support)
+def _mqtt(config: Config, reactor: IReactor) -> BusService:
+    from wgkex.mqtt import MqttService, Will
+
+    worker = config.worker
+    return MqttService(
+        reactor,
+        config.mqtt,
+        client_id=config.mqtt.client_id or worker.name,
+        clean_session=False,
+        will=Will(status_topic(worker.name), encode_status(False), qos=1, retain=True),
+        name="mqtt",
+    )
+
+
+def _pool(config: Config, reactor: IReactor) -> LanesService:
+    from wgkex.worker.pool import BackendPool
+    from wgkex.worker.rtnl import PyrouteRtnl
+    from wgkex.worker.wireguard import AutoWireGuard
+
+    worker = config.worker
+    return BackendPool(
+        reactor,
+        lambda: AutoWireGuard(worker.wireguard_backend, worker.uapi_socket_dir),
+        PyrouteRtnl,
+    )
+
+
+def _support(config: Config, reactor: IReactor) -> list[IService]:
+    from wgkex.logs import LoggingService
+    from wgkex.sigterm import CleanSigterm
+
+    return [
+        LoggingService(config.log_level, config.logging_config, config_path=config.path),
+        CleanSigterm(reactor, hangup=HANGUP),
+    ]
 
 
 def build_worker(
     config: Config,
     reactor: IReactor,
-    bus: Bus,
-    pool: Pool,
     *,
-    support: Sequence[IService] = (),
-    **kwargs: Any,
-) -> WorkerRoot:
-    """The whole worker tree from a config, an MQTT service and a pool (nothing started).
+    bus: BusService | None = None,
+    pool: LanesService | None = None,
+    support: Sequence[IService] | None = None,
+    ifindex: Callable[[str], int | None] = if_index,
+    listen: Listen | None = None,
+    watch_interval: float = WATCH_INTERVAL,
+    drain_timeout: float = DRAIN_TIMEOUT,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> OrderedMultiService:
+    """The whole worker tree from a configuration (nothing started, nothing opened).
 
-    ``bus`` and ``pool`` must also be services (``MqttService``, ``BackendPool``);
-    ``support`` services start first and stop last; ``kwargs`` go to :class:`WorkerService`.
+    By default with the real MQTT service, netlink pool, logging set-up and
+    SIGTERM handler; tests pass fakes for ``bus`` and ``pool``, ``support=()``,
+    and fakes for the interface lookups (``ifindex``, ``listen``).
     """
-    worker = WorkerService(config, reactor, bus, pool, **kwargs)
-    status = None
+    interfaces = domain_interfaces(config)
+    bus = bus if bus is not None else _mqtt(config, reactor)
+    pool = pool if pool is not None else _pool(config, reactor)
+    metrics = WorkerMetrics(config.domains)
+    reporter = Reporter(config, bus, pool.housekeeping, metrics, reactor)
+    worker = WorkerService(
+        config,
+        interfaces,
+        reactor,
+        bus,
+        pool,
+        metrics,
+        reporter,
+        ifindex=ifindex,
+        listen=listen,
+        watch_interval=watch_interval,
+        drain_timeout=drain_timeout,
+        monotonic=monotonic,
+    )
+    root = OrderedMultiService()
+    for service in support if support is not None else _support(config, reactor):
+        service.setServiceParent(root)
+    pool.setServiceParent(root)
+    worker.setServiceParent(root)
     if config.worker.listen is not None:
-        status = StatusListener(reactor, config.worker.listen, status_site(worker.metrics, worker.health, worker.status))
+        status = StatusListener(reactor, config.worker.listen, status_site(metrics, worker.health, worker.status))
         status.setName("status-http")
-    return WorkerRoot(pool, worker, bus, status, support)  # type: ignore[arg-type]
+        status.setServiceParent(root)
+    bus.setServiceParent(root)
+    Goodbye(reporter).setServiceParent(root)
+    return root

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from wgkex.config import Config
-from wgkex.worker.peers import Interfaces
+from wgkex.worker.domains import Interfaces
 from wgkex.worker.pool import Backends, Pool
 
 
@@ -71,13 +70,13 @@ class InterfaceWatch:
 
     def __init__(
         self,
-        config: Config,
-        pool: Pool,
+        interfaces: Mapping[str, Interfaces],
+        lane: Pool,
         on_change: Callable[[str, InterfaceState | None, InterfaceState], None],
         ifindex: Callable[[str], int | None] = if_index,
     ) -> None:
-        self._interfaces = {d: Interfaces(config.wg_interface(d), config.vx_interface(d)) for d in config.domains}
-        self._pool = pool
+        self._interfaces = interfaces
+        self._lane = lane
         self._on_change = on_change
         self._ifindex = ifindex
         self._checking = False
@@ -88,7 +87,7 @@ class InterfaceWatch:
         if self._checking:
             return succeed(None)
         self._checking = True
-        d: Deferred[None] = self._pool.run(read_states, self._interfaces, self._ifindex).addCallback(self._compare)
+        d: Deferred[None] = self._lane.run(read_states, self._interfaces, self._ifindex).addCallback(self._compare)
         d.addErrback(lambda f: self.log.failure("checking the interfaces failed", f))
 
         def done(_: object) -> None:

@@ -7,7 +7,7 @@ thread on first use, kept open and closed by :meth:`KernelWireGuard.close`.
   message (at most ``peers_per_message``, because a netlink attribute, here the
   ``WGDEVICE_A_PEERS`` nest, cannot exceed 64 KiB). The kernel applies the
   peers of a message in order and stops at the first failure without rolling
-  back, so a failed message is retried peer by peer and exactly the failing
+  back, so a failed message is retried peer by peer (:mod:`wgkex.worker.wg_batch`) and exactly the failing
   keys are reported (:class:`~wgkex.worker.backend.PeersFailed`).
 * **Dumps** (``WG_CMD_GET_DEVICE``) come in several messages: the first holds
   the device attributes and the first peers, the next ones more peers, and a
@@ -30,7 +30,6 @@ import base64
 import errno
 import os
 import socket
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -43,9 +42,9 @@ from pyroute2.netlink.generic.wireguard import (
     WGPEER_F_REPLACE_ALLOWEDIPS,
     wgmsg,
 )
-from twisted.logger import Logger
 
-from wgkex.worker.backend import BackendError, InterfaceInfo, InterfaceMissing, PeerInfo, PeersFailed
+from wgkex.worker.backend import BackendError, InterfaceInfo, InterfaceMissing, PeerInfo
+from wgkex.worker.wg_batch import BatchedWireGuard
 
 
 class KernelModuleMissing(BackendError):
@@ -124,7 +123,7 @@ def merge_device_dump(messages: Iterable[Any]) -> tuple[dict[str, Any], list[Pee
     return device, peers
 
 
-class KernelWireGuard:
+class KernelWireGuard(BatchedWireGuard[list[list[Any]]]):
     """:class:`~wgkex.worker.backend.WireGuard` over the kernel module's generic netlink API.
 
     ``socket_factory`` opens the pyroute2 socket (tests pass a fake);
@@ -132,7 +131,7 @@ class KernelWireGuard:
     retries of an interrupted dump.
     """
 
-    log = Logger()
+    transaction = "netlink message"
 
     def __init__(
         self,
@@ -141,43 +140,13 @@ class KernelWireGuard:
         peers_per_message: int = 128,
         dump_attempts: int = 5,
     ) -> None:
+        super().__init__()
         self._socket_factory = socket_factory
-        self._peers_per_message = peers_per_message
+        self.per_transaction = peers_per_message
         self._dump_attempts = dump_attempts
         self._socket: WireGuardSocket | None = None
-        self._lock = threading.Lock()
 
     # -- the WireGuard interface ------------------------------------------------------------
-
-    def add_peers(self, iface: str, peers: Sequence[tuple[str, str]]) -> None:
-        """Add or update peers, replacing each one's allowed IPs with the one given."""
-        failed: dict[str, str] = {}
-        entries: list[tuple[str, list[list[Any]]]] = []
-        for key, allowed_ip in peers:
-            try:
-                entries.append((key, self._peer_attrs(key, allowed_ip)))
-            except ValueError as e:
-                failed[key] = str(e)
-        with self._lock:
-            self._set_with_fallback(iface, entries, failed, "add")
-        if failed:
-            raise PeersFailed(iface, failed)
-
-    def remove_peers(self, iface: str, keys: Sequence[str]) -> None:
-        """Remove peers by public key; the kernel ignores absent ones."""
-        failed: dict[str, str] = {}
-        entries: list[tuple[str, list[list[Any]]]] = []
-        for key in keys:
-            try:
-                _check_key(key)
-            except ValueError as e:
-                failed[key] = str(e)
-                continue
-            entries.append((key, [["WGPEER_A_PUBLIC_KEY", key], ["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME]]))
-        with self._lock:
-            self._set_with_fallback(iface, entries, failed, "remove")
-        if failed:
-            raise PeersFailed(iface, failed)
 
     def peers(self, iface: str) -> list[PeerInfo]:
         """Every peer of ``iface`` (chunks merged, interrupted dumps repeated)."""
@@ -227,8 +196,9 @@ class KernelWireGuard:
             except Exception:  # pragma: no cover - best effort on an already broken socket
                 pass
 
-    @staticmethod
-    def _peer_attrs(key: str, allowed_ip: str) -> list[list[Any]]:
+    # -- batched peer changes (wgkex.worker.wg_batch) ---------------------------------------
+
+    def _encode_add(self, key: str, allowed_ip: str) -> list[list[Any]]:
         _check_key(key)
         address, _, prefix = allowed_ip.partition("/")
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -252,29 +222,11 @@ class KernelWireGuard:
             ["WGPEER_A_ALLOWEDIPS", [allowed]],
         ]
 
-    def _set_with_fallback(
-        self, iface: str, entries: list[tuple[str, list[list[Any]]]], failed: dict[str, str], what: str
-    ) -> None:
-        step = max(1, self._peers_per_message)
-        for start in range(0, len(entries), step):
-            chunk = entries[start : start + step]
-            problem = self._set(iface, [attrs for _, attrs in chunk])
-            if problem is None:
-                continue
-            self.log.warn(
-                "{iface}: {what} of {count} peers in one netlink message failed ({problem});"
-                " retrying them one by one",
-                iface=iface,
-                what=what,
-                count=len(chunk),
-                problem=problem,
-            )
-            for key, attrs in chunk:
-                problem = self._set(iface, [attrs])
-                if problem is not None:
-                    failed[key] = f"{what} peer on {iface} failed: {problem}"
+    def _encode_remove(self, key: str) -> list[list[Any]]:
+        _check_key(key)
+        return [["WGPEER_A_PUBLIC_KEY", key], ["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME]]
 
-    def _set(self, iface: str, peers: list[list[list[Any]]]) -> str | None:
+    def _send(self, iface: str, peers: list[list[list[Any]]]) -> str | None:
         """Send one set message; None on success, else the kernel's reason. Raises for ENODEV."""
         sock = self._sock()
         msg = wgmsg()

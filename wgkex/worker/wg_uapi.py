@@ -17,8 +17,8 @@ daemon restarted, or closed it after a failed request).
 **What a failing ``set=1`` means.** The daemon applies the lines in order and
 stops at the first bad one; nothing is rolled back. A batch of peers is one
 transaction (far faster than one per peer: wireguard-go adds 10,000 peers in
-under a second that way), so when it fails :meth:`UapiWireGuard.add_peers`
-retries every peer of the batch in its own transaction, and then either
+under a second that way), so when it fails every peer of the batch is retried
+in its own transaction (:mod:`wgkex.worker.wg_batch`), and then the call either
 returns (all peers are there after all) or raises
 :class:`~wgkex.worker.backend.PeersFailed` naming exactly the keys that are
 not (all others are in place). :class:`~wgkex.worker.backend.InterfaceMissing`
@@ -40,13 +40,12 @@ import binascii
 import ipaddress
 import os
 import socket
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from twisted.logger import Logger
 
-from wgkex.worker.backend import BackendError, InterfaceInfo, InterfaceMissing, PeerInfo, PeersFailed
+from wgkex.worker.backend import BackendError, InterfaceInfo, InterfaceMissing, PeerInfo
+from wgkex.worker.wg_batch import BatchedWireGuard
 
 DEFAULT_SOCKET_DIR = "/var/run/wireguard"
 
@@ -103,7 +102,7 @@ def _allowed_ip(text: str) -> str:
         raise ValueError(f"allowed IP {text!r} is not an address/prefix") from None
 
 
-class UapiWireGuard:
+class UapiWireGuard(BatchedWireGuard[str]):
     """:class:`~wgkex.worker.backend.WireGuard` over ``<socket_dir>/<iface>.sock``.
 
     ``socket_dir`` may be any directory holding the sockets, e.g.
@@ -112,52 +111,19 @@ class UapiWireGuard:
     socket (not a whole request), in seconds.
     """
 
-    log = Logger()
+    transaction = "UAPI transaction"
 
     def __init__(self, socket_dir: str = DEFAULT_SOCKET_DIR, *, timeout: float = 60.0) -> None:
+        super().__init__()
         self.socket_dir = socket_dir
         self.timeout = timeout
         self._connections: dict[str, socket.socket] = {}
-        # The pool may have more than one thread: one request at a time per object.
-        self._lock = threading.Lock()
 
     def socket_path(self, iface: str) -> str:
         """Where the daemon for ``iface`` listens."""
         return os.path.join(self.socket_dir, f"{iface}.sock")
 
     # -- the WireGuard interface ------------------------------------------------------------
-
-    def add_peers(self, iface: str, peers: Sequence[tuple[str, str]]) -> None:
-        """Add or update ``(public_key, allowed_ip)`` peers in one ``set=1`` transaction.
-
-        Each peer's allowed IPs are replaced by the one given. See the module
-        docstring for what a failure leaves behind.
-        """
-        failed: dict[str, str] = {}
-        blocks: list[tuple[str, str]] = []
-        for key, allowed_ip in peers:
-            try:
-                blocks.append((key, self._peer_block(key, allowed_ip)))
-            except ValueError as e:
-                failed[key] = str(e)
-        with self._lock:
-            self._set_with_fallback(iface, blocks, failed, "add")
-        if failed:
-            raise PeersFailed(iface, failed)
-
-    def remove_peers(self, iface: str, keys: Sequence[str]) -> None:
-        """Remove peers by public key in one transaction; absent peers are fine."""
-        failed: dict[str, str] = {}
-        blocks: list[tuple[str, str]] = []
-        for key in keys:
-            try:
-                blocks.append((key, f"public_key={_key_hex(key)}\nremove=true\n"))
-            except ValueError as e:
-                failed[key] = f"public key {e}"
-        with self._lock:
-            self._set_with_fallback(iface, blocks, failed, "remove")
-        if failed:
-            raise PeersFailed(iface, failed)
 
     def peers(self, iface: str) -> list[PeerInfo]:
         """Every peer of ``iface`` with its latest handshake and allowed IPs (see :func:`parse_peers`)."""
@@ -197,35 +163,27 @@ class UapiWireGuard:
 
     # -- requests -------------------------------------------------------------------------
 
-    @staticmethod
-    def _peer_block(key: str, allowed_ip: str) -> str:
+    # -- batched peer changes (wgkex.worker.wg_batch) ---------------------------------------
+
+    def _encode_add(self, key: str, allowed_ip: str) -> str:
         try:
             hexkey = _key_hex(key)
         except ValueError as e:
             raise ValueError(f"public key {e}") from None
         return f"public_key={hexkey}\nreplace_allowed_ips=true\nallowed_ip={_allowed_ip(allowed_ip)}\n"
 
-    def _set_with_fallback(
-        self, iface: str, blocks: list[tuple[str, str]], failed: dict[str, str], what: str
-    ) -> None:
-        """One transaction for all ``blocks``; on failure one per block, recording failures."""
-        if not blocks:
-            return
-        code = self._set(iface, (block for _, block in blocks))
-        if code == 0:
-            return
-        self.log.warn(
-            "{iface}: {what} of {count} peers in one UAPI transaction failed with {status};"
-            " retrying them one by one",
-            iface=iface,
-            what=what,
-            count=len(blocks),
-            status=errno_text(code),
-        )
-        for key, block in blocks:
-            code = self._set(iface, (block,))
-            if code != 0:
-                failed[key] = f"{what} peer on {iface} failed: {errno_text(code)}"
+    def _encode_remove(self, key: str) -> str:
+        try:
+            return f"public_key={_key_hex(key)}\nremove=true\n"
+        except ValueError as e:
+            raise ValueError(f"public key {e}") from None
+
+    def _send(self, iface: str, changes: list[str]) -> str | None:
+        """One ``set=1`` transaction; None on success, else the daemon's status."""
+        code = self._set(iface, changes)
+        return None if code == 0 else errno_text(code)
+
+    # -- requests -------------------------------------------------------------------------
 
     def _set(self, iface: str, blocks: Iterable[str]) -> int:
         request = "set=1\n" + "".join(blocks) + "\n"

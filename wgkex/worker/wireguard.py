@@ -10,7 +10,8 @@ Configuration ``wireguard_backend`` selects how the worker reaches each
   remembered per interface and made again when a call on that interface fails,
   so a daemon that restarted, or an interface that moved between wireguard-go
   and the kernel module, is picked up without restarting the worker. When the
-  failed call would now go to the other backend, it is retried there at once.
+  failed call would now go to the other backend, it is retried there at once
+  (step 2 of the retry policy, :mod:`wgkex.worker.retry`).
 
 In ``auto`` mode an interface that neither has a socket nor exists in a kernel
 with the WireGuard module is reported as missing

@@ -1,0 +1,533 @@
+"""Guest side of the kernel VM test: the real worker against the in-kernel WireGuard, observed.
+
+Runs inside the VM of :mod:`tests.support.kernelvm` (as
+``python -m tests.kernel.guest_checks SCRATCH``), never on the host. It sets up
+
+* mosquitto (the lab's, on a unix socket that every namespace reaches, plus
+  127.0.0.1 for this script's MQTT client);
+* a gateway namespace ``gw`` with kernel WireGuard ``wg-welt`` (listen port
+  51820, its link-local address), VXLAN ``vx-welt`` on top (``fe80::1/64``) and
+  the real ``twistd -n wgkex-worker`` with ``wireguard_backend: kernel``;
+* a router namespace ``rt`` joined to ``gw`` by a veth (2001:db8::/64) with
+  kernel WireGuard ``wg_mesh_vpn`` and VXLAN ``mesh-vpn``, as Gluon sets them up;
+
+then runs the checks of :data:`CHECKS` one after another. A check only
+*observes* (what ``wg``, ``ip``, ``bridge``, the bus and the worker show, after
+polling with a deadline for the state it expects); the host's test module
+judges the observations. Results go to ``SCRATCH/results.json`` (rewritten
+after every check, so a VM that dies half-way still reports what it saw), the
+worker's log to ``SCRATCH/worker.log``.
+
+One worker serves every check, since starting Python under emulation takes
+long. Its sweep runs every :data:`CLEANUP_INTERVAL` seconds with a short
+:data:`PEER_TIMEOUT`, and every key but the sweep check's own is on
+``keep_keys``, so the sweep never races the other checks. The burst comes
+late: with 600 peers every dump is slow under emulation.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import http.client
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from wgkex.keys import lladdr
+from wgkex.lab.configs import write_config
+from wgkex.lab.gateway import twistd
+from wgkex.lab.mosquitto import Mosquitto
+from wgkex.lab.netns import Namespace, add_address, add_veth, add_vxlan, fdb_entries, routes
+from wgkex.lab.proc import Proc, run, spawn, wait_until
+
+# The contract's test vectors.
+KEY_A = "o52Ge+Rpj4CUSitVag9mS7pSXUesNM0ESnvj/wwehkg="
+KEY_B = "gP3VJnTTvnQut+z4O+m0N9RgMyXbgyUbUkF3E3TKX2w="
+DOMAIN = "ffmuc_welt"
+WG = "wg-welt"
+VX = "vx-welt"
+VNI = 4242
+WORKER = "kernel-vm"
+EXTERNAL_NAME = "gw.example.net"
+LISTEN_PORT = 51820
+ROUTER_WG = "wg_mesh_vpn"
+ROUTER_VX = "mesh-vpn"
+GW_VX_ADDRESS = "fe80::1"
+BURST = 600
+CLONE_NEWNET = 0x40000000
+#: Sweep settings of the worker: short enough to watch a sweep, long enough that
+#: the checks before it see their keys in place.
+PEER_TIMEOUT = 60.0
+CLEANUP_INTERVAL = 10.0
+METRICS_INTERVAL = 5.0
+#: Deadline of each wait. Generous: a busy host can slow emulation down another 10x.
+WAIT = 300.0
+
+
+def burst_keys(count: int) -> list[str]:
+    """``count`` distinct valid public keys (canonical base64 of 32 bytes, never low-order points)."""
+    keys = []
+    for n in range(count):
+        raw = bytearray(os.urandom(32))
+        raw[0:4] = n.to_bytes(4, "big")
+        raw[31] = (raw[31] & 0x3F) | 0x40
+        keys.append(base64.b64encode(bytes(raw)).decode())
+    return keys
+
+
+class Bus:
+    """This script's MQTT client (paho in its own thread) keeping every message by topic."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: dict[str, list[bytes]] = {}
+        self.lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="kernel-vm-checks")
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, keepalive=60)
+        self.client.loop_start()
+        wait_until(self.client.is_connected, 30, "the checks' MQTT client to connect")
+
+    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.setdefault(message.topic, []).append(bytes(message.payload))
+
+    def subscribe(self, topic_filter: str) -> None:
+        self.client.subscribe(topic_filter, qos=1)
+
+    def all(self, topic: str) -> list[str]:
+        with self.lock:
+            return [m.decode() for m in self.messages.get(topic, [])]
+
+    def last(self, topic: str) -> str | None:
+        got = self.all(topic)
+        return got[-1] if got else None
+
+    def publish(self, topic: str, payloads: list[str]) -> None:
+        infos = [self.client.publish(topic, p, qos=1) for p in payloads]
+        for info in infos:
+            info.wait_for_publish(timeout=60)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Guest:
+    """Everything the checks share: namespaces, interfaces, mosquitto, the worker, the bus."""
+
+    def __init__(self, scratch: str) -> None:
+        self.scratch = scratch
+        self.dir = "/tmp/kernel-vm"
+        os.makedirs(self.dir, exist_ok=True)
+        self.worker_log = os.path.join(scratch, "worker.log")
+        self.metrics_socket = os.path.join(self.dir, "metrics.sock")
+        self.mqtt = Mosquitto(self.dir, unix_socket=os.path.join(self.dir, "mqtt.sock"))
+        # The gateway is the guest's own namespace (so wg and the worker run without
+        # `ip netns exec`, which is slow under emulation), named for `ip -n gw`.
+        run(["ip", "netns", "attach", "gw", "1"])
+        self.gw = Namespace("gw")
+        for conf in ("all", "default"):
+            with open(f"/proc/sys/net/ipv6/conf/{conf}/accept_dad", "w") as f:
+                f.write("0")
+        self.rt: Namespace | None = None
+        self.worker: Proc | None = None
+        self.bus: Bus | None = None
+        self.public_key = ""
+        self.link_address = ""
+        self.router_private = run(["wg", "genkey"]).strip()
+        self.router_key = run(["wg", "pubkey"], input=self.router_private + "\n").strip()
+        self.burst = burst_keys(BURST)
+        self.stale_key = burst_keys(BURST + 1)[-1]
+        self.stale_published_at = 0.0
+        self.stale_seen_installed = False
+
+    # -- set-up ---------------------------------------------------------------------------
+    def wg(self, *args: str, input: str | None = None) -> str:
+        """``wg ARGS`` on the gateway (the guest's own namespace)."""
+        return run(["wg", *args], input=input, timeout=120)
+
+    def start(self) -> None:
+        """mosquitto, the gateway's interfaces and the worker first (its start-up is the slowest
+        part), then this script's MQTT client and the router's namespace while it starts."""
+        self.mqtt.start(timeout=WAIT)
+        self.gw.ip("link", "add", WG, "type", "wireguard")
+        self.wg("set", WG, "private-key", "/dev/stdin", "listen-port", str(LISTEN_PORT),
+                input=run(["wg", "genkey"]))
+        self.public_key = self.wg("show", WG, "public-key").strip()
+        self.link_address = lladdr(self.public_key)
+        add_address(self.gw, WG, f"{self.link_address}/64")
+        add_vxlan(self.gw, VX, vni=VNI, local=self.link_address, dev=WG)
+        add_address(self.gw, VX, f"{GW_VX_ADDRESS}/64")
+        config = write_config(os.path.join(self.dir, "worker.yaml"), {
+            "domains": [DOMAIN],
+            "domain_prefixes": ["ffmuc_"],
+            "worker_name": WORKER,
+            "externalName": EXTERNAL_NAME,
+            "mqtt": {"transport": "unix", "broker_url": self.mqtt.unix_socket, "keepalive": 60,
+                     "reconnect_max_delay": 1},
+            "wireguard_backend": "kernel",
+            "worker_listen": f"unix:{self.metrics_socket}",
+            "metrics_interval": METRICS_INTERVAL,
+            "cleanup_interval": CLEANUP_INTERVAL,
+            "peer_timeout": PEER_TIMEOUT,
+            # Every key but the sweep check's stale one is kept, so that however slow
+            # the emulation, the sweep takes nothing from under the other checks.
+            "keep_keys": [KEY_A, KEY_B, self.router_key, *self.burst],
+        })
+        self.worker = spawn("worker", [twistd(), "-n", "--pidfile=", "wgkex-worker", "--config", config],
+                            self.worker_log)
+        self.bus = Bus(self.mqtt.port)
+        self.bus.subscribe("wireguard-worker/#")
+        self.bus.subscribe("wireguard-metrics/#")
+        self.rt = Namespace.create("rt")
+        add_veth(self.gw, "eth0", self.rt, "eth0")
+        add_address(self.gw, "eth0", "2001:db8::1/64")
+        add_address(self.rt, "eth0", "2001:db8::2/64")
+
+    def router(self) -> Namespace:
+        """The router's namespace (made by :meth:`start`)."""
+        assert self.rt is not None
+        return self.rt
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop(timeout=60)
+        if self.bus is not None:
+            self.bus.close()
+        self.mqtt.stop()
+        if self.rt is not None:
+            self.rt.delete()
+
+    # -- observing ------------------------------------------------------------------------
+    def peers(self, ns: Namespace | None = None, iface: str = WG) -> dict[str, dict[str, Any]]:
+        """``wg show IFACE dump`` (in ``ns``, default the gateway) by public key: allowed IPs, latest handshake."""
+        argv = ["wg", "show", iface, "dump"]
+        text = ns.run(argv, timeout=120) if ns is not None else run(argv, timeout=120)
+        out: dict[str, dict[str, Any]] = {}
+        for line in text.splitlines()[1:]:
+            f = line.split("\t")
+            out[f[0]] = {"allowed_ips": [] if f[3] == "(none)" else f[3].split(","),
+                         "latest_handshake": int(f[4])}
+        return out
+
+    def peer_count(self) -> int:
+        return len(self.wg("show", WG, "peers").split())
+
+    def routes(self) -> list[str]:
+        return sorted(str(ipaddress.IPv6Network(r)) for r in routes(self.gw, WG))
+
+    def fdb(self) -> list[dict[str, str]]:
+        """The all-zero FDB entries of ``vx-welt``: destination (compressed) and device they go via."""
+        return sorted(({"dst": str(ipaddress.IPv6Address(e["dst"])), "via": e.get("viaIf", "")}
+                       for e in fdb_entries(self.gw, VX) if e.get("mac") == "00:00:00:00:00:00" and "dst" in e),
+                      key=lambda e: e["dst"])
+
+    def state_of(self, keys: list[str]) -> dict[str, Any]:
+        """Peer allowed IPs, route and FDB entries for ``keys`` (by key), plus totals."""
+        peers, route_set, fdb = self.peers(), set(self.routes()), self.fdb()
+        fdb_by_dst: dict[str, list[str]] = {}
+        for e in fdb:
+            fdb_by_dst.setdefault(e["dst"], []).append(e["via"])
+        return {
+            "keys": {k: {"allowed_ips": peers[k]["allowed_ips"] if k in peers else None,
+                         "route": f"{lladdr(k)}/128" in route_set,
+                         "fdb_via": fdb_by_dst.get(lladdr(k), [])} for k in keys},
+            "peer_count": len(peers),
+            "route_count": len(route_set),
+            "fdb_count": len(fdb),
+        }
+
+    def installed(self, keys: list[str]) -> bool:
+        state = self.state_of(keys)["keys"]
+        return all(s["allowed_ips"] and s["route"] and s["fdb_via"] for s in state.values())
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's /metrics (over its unix socket), samples by name with labels."""
+        conn = http.client.HTTPConnection("localhost", timeout=30)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(self.metrics_socket)
+        conn.sock = sock
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def metric_topic(self) -> str:
+        return f"wireguard-metrics/{DOMAIN}/{WORKER}/connected_peers"
+
+
+def poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT, interval: float = 1.0) -> Any:
+    """Wait for ``predicate`` (every ``interval`` s: each look costs the emulated guest dearly)."""
+    return wait_until(predicate, timeout, what, interval)
+
+
+# -- the checks (each returns what it observed) -------------------------------------------------
+
+def check_online(g: Guest) -> dict[str, Any]:
+    """The worker starts on the kernel backend and says status 1."""
+    assert g.bus is not None
+    start = time.monotonic()
+    poll(lambda: g.bus is not None and g.bus.last(f"wireguard-worker/{WORKER}/status") == "1",
+         "the worker's status 1")
+    return {"status": g.bus.last(f"wireguard-worker/{WORKER}/status"), "seconds": time.monotonic() - start}
+
+
+def check_data(g: Guest) -> dict[str, Any]:
+    """The data message next to what ``wg show`` and ``ip address`` say of wg-welt."""
+    assert g.bus is not None
+    topic = f"wireguard-worker/{WORKER}/{DOMAIN}/data"
+    poll(lambda: g.bus is not None and g.bus.last(topic), "the data message")
+    return {
+        "data": json.loads(g.bus.last(topic) or "null"),
+        "wg_public_key": g.wg("show", WG, "public-key").strip(),
+        "wg_listen_port": int(g.wg("show", WG, "listen-port").strip()),
+        "addresses": g.gw.addresses(WG),
+        "external_name": EXTERNAL_NAME,
+    }
+
+
+def check_vectors(g: Guest) -> dict[str, Any]:
+    """The contract's two test vectors published; peers, routes and FDB once both are in."""
+    assert g.bus is not None
+    g.bus.publish(f"wireguard/{DOMAIN}/all", [KEY_A, KEY_B])
+    poll(lambda: g.installed([KEY_A, KEY_B]), "both test vectors installed")
+    observed = {"peers": {k: v["allowed_ips"] for k, v in g.peers().items()},
+                "routes": g.routes(), "fdb": g.fdb()}
+    # The sweep check's key, to age while the checks in between run (few peers then,
+    # so sweeps are quick even under emulation; the burst comes after the sweep).
+    g.stale_published_at = time.monotonic()  # before the worker can know it: the sweep's clock
+    g.bus.publish(f"wireguard/{DOMAIN}/all", [g.stale_key])
+    try:
+        poll(lambda: g.installed([g.stale_key]), "the stale-to-be key installed", PEER_TIMEOUT - 10)
+        g.stale_seen_installed = True
+    except Exception:
+        pass  # the sweep check says so
+    return observed
+
+
+def check_burst(g: Guest) -> dict[str, Any]:
+    """BURST keys at once: all in the kernel, and the worker's own (chunked) dump counts them all."""
+    assert g.bus is not None
+    keys = g.burst
+    start = time.monotonic()
+    g.bus.publish(f"wireguard/{DOMAIN}/all", keys)
+    try:
+        # Counting peers is cheap; the full look (wg, ip, bridge) only once they are all there.
+        poll(lambda: g.peer_count() >= BURST + 2 and g.installed(keys), f"{BURST} keys installed", interval=2.0)
+    except Exception:
+        pass  # what is missing is reported below
+    seconds = time.monotonic() - start
+    state = g.state_of(keys)
+    missing = [k for k, s in state["keys"].items() if not (s["allowed_ips"] and s["route"] and s["fdb_via"])]
+    wrong = [k for k, s in state["keys"].items()
+             if s["allowed_ips"] is not None and s["allowed_ips"] != [f"{lladdr(k)}/128"]]
+    gauge = f'wgkex_worker_peers{{domain="{DOMAIN}"}}'
+    counts: dict[str, Any] = {}
+
+    def gauge_matches() -> bool:
+        counts["worker_peer_gauge"] = g.metrics().get(gauge)
+        counts["wg_peer_count_then"] = g.peer_count()
+        return bool(counts["worker_peer_gauge"] == counts["wg_peer_count_then"])
+
+    try:
+        poll(gauge_matches, "the worker's peer gauge (from its own dump) to match wg show", interval=2.0)
+    except Exception:
+        pass
+    return {"published": len(keys), "missing": missing[:5], "missing_count": len(missing),
+            "wrong_allowed_ips": wrong[:5], "seconds": seconds, "wg_peer_count": state["peer_count"],
+            "route_count": state["route_count"], "fdb_count": state["fdb_count"], **counts}
+
+
+def check_handshake(g: Guest) -> dict[str, Any]:
+    """A router in its own namespace registers and shakes hands; the connected-peer count follows."""
+    assert g.bus is not None
+    topic = g.metric_topic()
+    poll(lambda: g.bus is not None and g.bus.last(topic) is not None, "a connected-peers metric")
+    before = g.bus.last(topic)
+    g.bus.publish(f"wireguard/{DOMAIN}/all", [g.router_key])
+    # As Gluon: own key and link-local /64, the gateway as peer with its link-local
+    # /128 and keepalive 25, then the VXLAN link to the gateway.
+    g.router().ip("link", "add", ROUTER_WG, "type", "wireguard")
+    g.router().run(["wg", "set", ROUTER_WG, "private-key", "/dev/stdin",
+              "peer", g.public_key, "allowed-ips", f"{g.link_address}/128",
+              "endpoint", f"[2001:db8::1]:{LISTEN_PORT}", "persistent-keepalive", "25"],
+             input=g.router_private + "\n", timeout=120)
+    add_address(g.router(), ROUTER_WG, f"{lladdr(g.router_key)}/64")
+    add_vxlan(g.router(), ROUTER_VX, vni=VNI, local=lladdr(g.router_key), dev=ROUTER_WG, remote=g.link_address)
+    add_address(g.router(), ROUTER_VX, "fe80::2/64")
+    poll(lambda: g.installed([g.router_key]), "the router's key installed")
+    count_start = len(g.bus.all(topic))
+    # The keepalive's first handshake may have gone out before the gateway knew the
+    # key; traffic makes the router try again at once.
+    g.router().run(["ping", "-6", "-n", "-c", "1", "-W", "5", f"{g.link_address}%{ROUTER_WG}"], check=False, timeout=120)
+    try:
+        poll(lambda: g.peers().get(g.router_key, {}).get("latest_handshake"), "a handshake")
+        poll(lambda: g.bus is not None and "1" in g.bus.all(topic)[count_start:], "connected peers 1")
+    except Exception:
+        pass  # reported below
+    return {"before": before, "after": g.bus.all(topic)[count_start:],
+            "gateway_handshake": g.peers().get(g.router_key, {}).get("latest_handshake", 0),
+            "router_handshake": g.peers(g.router(), ROUTER_WG).get(g.public_key, {}).get("latest_handshake", 0)}
+
+
+def http_get_in(ns: Namespace, host: str, scope: str, port: int, timeout: float) -> dict[str, Any]:
+    """GET / from inside ``ns`` (``[host%scope]:port``): its status, or the error.
+
+    A thread enters the namespace (``setns`` acts on the calling thread only) and
+    makes the socket there, which saves starting another Python under emulation.
+    """
+    result: dict[str, Any] = {}
+
+    def get() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                result["error"] = f"setns: {os.strerror(ctypes.get_errno())}"
+                return
+        finally:
+            os.close(fd)
+        conn = http.client.HTTPConnection(f"{host}%{scope}", port, timeout=timeout)
+        try:
+            conn.request("GET", "/", headers={"User-Agent": "Wget"})
+            response = conn.getresponse()
+            response.read()
+            result["status"] = response.status
+        except OSError as exc:
+            result["error"] = str(exc) or type(exc).__name__
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=get)
+    thread.start()
+    thread.join()
+    return result
+
+
+def check_connectivity(g: Guest) -> dict[str, Any]:
+    """Gluon's connectivity check from the router: GET http://[LinkAddress%wg_mesh_vpn]/."""
+    last: dict[str, Any] = {}
+
+    def probe() -> bool:
+        nonlocal last
+        last = http_get_in(g.router(), g.link_address, ROUTER_WG, 80, 30)
+        return last.get("status") == 200
+
+    try:
+        poll(probe, "the connectivity check")
+    except Exception:
+        pass
+    return {"url": f"http://[{g.link_address}%{ROUTER_WG}]/", "result": last}
+
+
+def check_vxlan(g: Guest) -> dict[str, Any]:
+    """The router pings the gateway's VXLAN address over VXLAN over WireGuard."""
+    out = g.router().run(["ping", "-6", "-n", "-c", "3", "-i", "0.5", "-W", "5", f"{GW_VX_ADDRESS}%{ROUTER_VX}"],
+                   check=False, timeout=120)
+    return {"output": out}
+
+
+def check_sweep(g: Guest) -> dict[str, Any]:
+    """A key that never shook hands goes after peer_timeout with its route and FDB entry; kept keys stay."""
+    key = g.stale_key
+    published_at = g.stale_published_at
+    left = max(30.0, published_at + PEER_TIMEOUT + CLEANUP_INTERVAL + WAIT - time.monotonic())
+    try:
+        poll(lambda: not any(s["allowed_ips"] or s["route"] or s["fdb_via"]
+                             for s in [g.state_of([key])["keys"][key]]), "the stale key swept", left, 2.0)
+    except Exception:
+        pass
+    gone_after = time.monotonic() - published_at
+    swept = f'wgkex_worker_swept_peers_total{{domain="{DOMAIN}"}}'
+    return {"seen_installed": g.stale_seen_installed, "stale": g.state_of([key])["keys"][key], "kept": g.state_of([KEY_B])["keys"][KEY_B],
+            "gone_after": gone_after, "peer_timeout": PEER_TIMEOUT, "swept_total": g.metrics().get(swept)}
+
+
+def check_sigterm(g: Guest) -> dict[str, Any]:
+    """SIGTERM: the worker exits 0 after publishing metrics -1 and status 0."""
+    assert g.worker is not None and g.bus is not None
+    worker, g.worker = g.worker, None
+    start = time.monotonic()
+    worker.send(signal.SIGTERM)
+    exited = worker.wait_gone(120)
+    status_topic = f"wireguard-worker/{WORKER}/status"
+    try:
+        poll(lambda: g.bus is not None and g.bus.last(status_topic) == "0", "status 0")
+    except Exception:
+        pass
+    return {"exited": exited, "exit_status": worker.exit_status(), "seconds": time.monotonic() - start,
+            "last_metric": g.bus.last(g.metric_topic()), "last_status": g.bus.last(status_topic)}
+
+
+CHECKS: list[tuple[str, Callable[[Guest], dict[str, Any]]]] = [
+    ("online", check_online),
+    ("data", check_data),
+    ("vectors", check_vectors),
+    ("handshake", check_handshake),
+    ("connectivity", check_connectivity),
+    ("vxlan", check_vxlan),
+    ("sweep", check_sweep),
+    # Late: with 600 peers every dump (metrics, sweeps) is slow under emulation.
+    ("burst", check_burst),
+    ("sigterm", check_sigterm),
+]
+
+
+def main(scratch: str) -> int:
+    results: dict[str, Any] = {}
+    path = os.path.join(scratch, "results.json")
+
+    def record(name: str, value: dict[str, Any]) -> None:
+        results[name] = value
+        with open(path + ".new", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".new", path)
+
+    start = time.monotonic()
+    g = Guest(scratch)
+    try:
+        try:
+            g.start()
+        except Exception:
+            record("setup", {"error": traceback.format_exc()})
+            return 1
+        record("setup", {"seconds": time.monotonic() - start})
+        print(f"setup: {time.monotonic() - start:.1f} s", flush=True)
+        for name, check in CHECKS:
+            t = time.monotonic()
+            try:
+                observed = check(g)
+            except Exception:
+                record(name, {"error": traceback.format_exc(), "seconds": time.monotonic() - t})
+            else:
+                record(name, {"observed": observed, "seconds": time.monotonic() - t})
+            print(f"check {name}: {time.monotonic() - t:.1f} s", flush=True)
+    finally:
+        g.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
