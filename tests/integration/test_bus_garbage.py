@@ -204,9 +204,16 @@ class BusGarbageTests(SynchronousTestCase):
         # report (every METRICS_INTERVAL seconds) replaces the garbage.
         wait_until(lambda: self.invalid_counts().get(("metric", "too_large"), 0) >= 1, 20,
                    "the broker to count the garbage count")
-        lab.wait_eligible(["gw1"], 20)
+        # Poll v2 itself (the status page is cached for a second and may still show the
+        # view from before the garbage): it answers 503 until the worker's next valid count.
+        replies: list[tuple[int, bytes]] = []
+
+        def v2_answers() -> bool:
+            status, _headers, body, _ = post_key(lab.broker_url + "/api/v2/wg/key/exchange", lab.domain, OTHER_KEY)
+            replies.append((status, body))
+            return status == 200
+
+        wait_until(v2_answers, 20, "v2 to name the gateway again after its next valid count", interval=0.1)
         self.assert_pages_answer()
-        status, _headers, body, _ = post_key(lab.broker_url + "/api/v2/wg/key/exchange", lab.domain, OTHER_KEY)
-        self.assertEqual(status, 200, body)
-        self.assertEqual(json.loads(body)["Endpoint"]["Address"], gw.address)
+        self.assertEqual(json.loads(replies[-1][1])["Endpoint"]["Address"], gw.address)
 
