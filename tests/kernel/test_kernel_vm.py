@@ -87,7 +87,7 @@ def run_guest(scratch: str) -> GuestRun:
         f.write(f"cd {REPO}\n"
                 f"export PYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1\n"
                 f"exec {sys.executable} -u -m tests.kernel.guest_checks {kernelvm.GUEST_SCRATCH}\n")
-    run.boot = kernelvm.boot(images, scratch, BOOT_TIMEOUT)
+    run.boot = kernelvm.boot(images, scratch, BOOT_TIMEOUT, project=REPO)
     log.msg(f"kernel VM {images.version}: {run.boot.seconds:.1f} s, exit status {run.boot.exit_status}; "
             f"logs in {scratch}")
     try:

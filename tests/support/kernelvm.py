@@ -87,6 +87,13 @@ ln -sf /proc/self/fd/1 $R/dev/stdout
 ln -sf /proc/self/fd/2 $R/dev/stderr
 mount -t tmpfs tmp $R/tmp
 mount -t tmpfs run $R/run
+# The project may live under /tmp or /run (a CI clone), which the tmpfs mounts above hide:
+# its own share goes back on top at the same path (wgkex_project= on the kernel command line).
+for arg in $(cat /proc/cmdline); do case "$arg" in wgkex_project=*) P="${arg#wgkex_project=}";; esac; done
+if [ -n "$P" ]; then
+  mkdir -p "$R$P" 2>/dev/null
+  mount -t 9p -o ro,cache=loose,@NINEP@ project "$R$P" || echo "wgkex-vm: cannot mount the project at $P"
+fi
 mkdir -p $R@SCRATCH@
 mount -t 9p -o @NINEP@ scratch $R@SCRATCH@
 hostname wgkex-vm
@@ -332,20 +339,36 @@ def _pad4(data: bytes) -> bytes:
     return data + b"\0" * (-len(data) % 4)
 
 
-def qemu_argv(images: Images, scratch: str, memory_mb: int = 2048, cpus: int = 2) -> list[str]:
-    """The QEMU command line: pure emulation (no KVM needed), serial console on stdout, no network card."""
+def qemu_argv(images: Images, scratch: str, memory_mb: int = 2048, cpus: int = 2,
+              project: str | None = None) -> list[str]:
+    """The QEMU command line: pure emulation (no KVM needed), serial console on stdout, no network card.
+
+    ``project`` (a folder without spaces) is shared read-only once more and mounted at
+    the same path in the guest, so that a checkout under ``/tmp`` or ``/run`` stays
+    visible above the guest's own tmpfs there.
+    """
+    append = "console=ttyS0 panic=-1 quiet"
+    shares = [
+        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs", f"local,path={scratch},mount_tag=scratch,security_model=none,multidevs=remap",
+    ]
+    if project is not None:
+        append += f" wgkex_project={project}"
+        shares += ["-virtfs", f"local,path={project},mount_tag=project,security_model=none,readonly=on,multidevs=remap"]
     return [
         QEMU, "-accel", "tcg", "-cpu", "max", "-m", str(memory_mb), "-smp", str(cpus),
         "-nographic", "-no-reboot", "-nic", "none", "-monitor", "none",
         "-kernel", images.kernel, "-initrd", images.initramfs,
-        "-append", "console=ttyS0 panic=-1 quiet",
-        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        "-virtfs", f"local,path={scratch},mount_tag=scratch,security_model=none,multidevs=remap",
+        "-append", append,
+        *shares,
     ]
 
 
-def boot(images: Images, scratch: str, timeout: float) -> BootResult:
-    """Boot, let the guest run ``<scratch>/run.sh``, wait for the power-off (killing QEMU at ``timeout``)."""
+def boot(images: Images, scratch: str, timeout: float, project: str | None = None) -> BootResult:
+    """Boot, let the guest run ``<scratch>/run.sh``, wait for the power-off (killing QEMU at ``timeout``).
+
+    ``project``: the checkout the guest runs from (see :func:`qemu_argv`).
+    """
     console_path = os.path.join(scratch, "console.log")
     status_path = os.path.join(scratch, "exit-status")
     if os.path.exists(status_path):
@@ -353,7 +376,7 @@ def boot(images: Images, scratch: str, timeout: float) -> BootResult:
     start = time.monotonic()
     timed_out = False
     with open(console_path, "wb") as console:
-        qemu = subprocess.Popen(qemu_argv(images, scratch), stdin=subprocess.DEVNULL, stdout=console,
+        qemu = subprocess.Popen(qemu_argv(images, scratch, project=project), stdin=subprocess.DEVNULL, stdout=console,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             qemu.wait(timeout)
