@@ -49,6 +49,7 @@ from wgkex.contract import (
     status_topic,
 )
 from wgkex.worker.backend import InterfaceMissing
+from wgkex.worker.domains import Interfaces, domain_interfaces
 from wgkex.bus import Bus
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.pool import Backends, Pool, gc_paused
@@ -122,11 +123,21 @@ class Reporter:
 
     log = Logger()
 
-    def __init__(self, config: Config, bus: Bus, pool: Pool, metrics: WorkerMetrics, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        config: Config,
+        bus: Bus,
+        pool: Pool,
+        metrics: WorkerMetrics,
+        clock: IReactorTime,
+        interfaces: Mapping[str, Interfaces] | None = None,
+    ) -> None:
         self._worker = config.worker.name
         self._external = config.worker.external_name
         self._domains = config.domains
-        self._interfaces = {d: config.wg_interface(d) for d in config.domains}
+        # The builder's map (computed once); tests may leave it to the configuration.
+        by_domain = interfaces if interfaces is not None else domain_interfaces(config)
+        self._interfaces = {d: i.wg for d, i in by_domain.items()}
         self._bus = bus
         self._pool = pool
         self._metrics = metrics

@@ -295,7 +295,7 @@ def build_worker(
     bus = bus if bus is not None else _mqtt(config, reactor)
     pool = pool if pool is not None else _pool(config, reactor)
     metrics = WorkerMetrics(config.domains)
-    reporter = Reporter(config, bus, pool.housekeeping, metrics, reactor)
+    reporter = Reporter(config, bus, pool.housekeeping, metrics, reactor, interfaces)
     worker = WorkerService(
         config,
         interfaces,
