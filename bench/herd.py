@@ -98,11 +98,52 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
 
 
+def cpu_by_program() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process and each of its descendants, by program name.
+
+    This process itself is the load generator (``client``); the rest are the lab's
+    brokers, workers, mosquitto / RabbitMQ and wireguard-go.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                raw = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        fields = raw.rsplit(")", 1)[1].split()
+        words = [a.decode(errors="replace") for a in argv if a]
+        name = next((w for w in words if w.startswith("wgkex-")), None) or (
+            os.path.basename(words[0]) if words else raw.split("(", 1)[1].rsplit(")", 1)[0])
+        stats[int(entry)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / tick)
+    mine = {os.getpid()}
+    grew = True
+    while grew:
+        grew = False
+        for pid, (ppid, _, _) in stats.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                grew = True
+    used: dict[str, float] = {}
+    for pid in mine - {os.getpid()}:
+        _, name, seconds = stats[pid]
+        used[name] = used.get(name, 0.0) + seconds
+    own = os.times()
+    used["client"] = own.user + own.system
+    return used
+
+
 def run_herd(name: str, ports: list[int], gateways: dict[str, Gateway], args: argparse.Namespace) -> dict[str, Any]:
     """The herd against brokers on ``ports``; waits for the gateways; returns the figures."""
     keys = herd_keys(args.routers, f"{name} {time.time()}")
     by_key = {gw.public_key: n for n, gw in gateways.items()}
     load_before = os.getloadavg()
+    cpu_before = cpu_by_program()
     first = time.monotonic()
     answers, latencies = asyncio.run(herd(ports, keys, args.concurrency))
     http_seconds = time.monotonic() - first
@@ -119,6 +160,9 @@ def run_herd(name: str, ports: list[int], gateways: dict[str, Gateway], args: ar
         if any(pending.values()):
             time.sleep(0.25)
     all_peers = time.monotonic() - first if not any(pending.values()) else None
+    cpu_after = cpu_by_program()
+    cpu = {n: round(cpu_after[n] - cpu_before.get(n, 0.0), 2) for n in sorted(cpu_after)
+           if cpu_after[n] - cpu_before.get(n, 0.0) >= 0.05}
     installed = {n: len(want[n] & installed_keys(gateways[n])) for n in gateways}
     return {
         "server": name,
@@ -134,6 +178,8 @@ def run_herd(name: str, ports: list[int], gateways: dict[str, Gateway], args: ar
         "seconds_until_all_peers": round(all_peers, 2) if all_peers is not None else None,
         "not_peers_at_timeout": {n: len(p) for n, p in pending.items() if p},
         "installed_peer_route_fdb": installed,
+        "cpu_seconds_by_program": cpu,
+        "cpu_seconds_total": round(sum(cpu.values()), 2),
         "load_average_before": [round(x, 2) for x in load_before],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus {platform.release()}",
