@@ -1,6 +1,6 @@
 """Packaging for wgkex: the library, both twistd plugins and the console-free entry points."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="wgkex",
@@ -10,14 +10,9 @@ setup(
     # A flat layout: map the root explicitly so that `pip install -e .` keeps
     # `twisted/plugins/` importable and twistd finds our plugin file.
     package_dir={"": "."},
-    packages=[
-        "wgkex",
-        "wgkex.broker",
-        "wgkex.worker",
-        "wgkex.lab",
-        "twisted.plugins",
-    ],
-    package_data={"wgkex.broker": ["templates/*", "openapi.json"]},
+    # Every package under wgkex/ (a hand-kept list had lost wgkex.mqtt), and the plugin folder.
+    packages=find_packages(include=["wgkex", "wgkex.*"]) + ["twisted.plugins"],
+    package_data={"wgkex.broker": ["openapi.json"]},
     install_requires=[
         "twisted>=24.3",
         "klein>=23.12",

@@ -1,181 +1,31 @@
-"""The MQTT wire contract: every topic and payload, encoded and decoded in one place.
+"""The encoder and decoder of every MQTT message: key, status, data, connected peers.
 
-Broker and worker read and write the bus only through this module
-(docs/protocol.md, "MQTT", says the same in prose):
-
-| message | topic | payload |
-| --- | --- | --- |
-| key | ``wireguard/{domain}/all`` | the base64 key (:func:`encode_key` / :func:`decode_key_message`) |
-| status | ``wireguard-worker/{worker}/status`` | ``1`` / ``0`` (:func:`encode_status` / :func:`decode_status`) |
-| data | ``wireguard-worker/{worker}/{domain}/data`` | JSON :class:`Endpoint` (:func:`encode_data` / :func:`decode_data`) |
-| metric | ``wireguard-metrics/{domain}/{worker}/connected_peers`` | ``-1`` or 0..10,000,000 (:func:`encode_connected_peers` / :func:`decode_connected_peers`) |
-
-The bus is untrusted. Decoders take any bytes and either return a value that
-satisfies every rule or raise :class:`Refused` -- never anything else. A
-refusal carries a ``kind`` and a ``reason`` from small fixed sets
-(:data:`KEY_REASONS`, :data:`REPORT_KINDS`, :data:`REPORT_REASONS`), so that
-they can label Prometheus counters, and a message that is safe to log
-(anything quoted from the bus goes through :func:`shown`). Sizes are checked
-before decoding and numbers are bounded by their text before conversion, so no
-payload can make a reader do unbounded work or arithmetic on a huge integer.
-
-Encoders refuse (``ValueError``) to produce what the decoders would refuse, so
-a wgkex process never publishes a message another one throws away.
+Decoders take any bytes and either return a value that satisfies every rule
+of :mod:`wgkex.contract.rules` or raise :class:`~wgkex.contract.refusals.Refused`
+-- never anything else. Sizes are checked before decoding and numbers are
+bounded by their text before conversion, so no payload can make a reader do
+unbounded work or arithmetic on a huge integer. Encoders refuse
+(``ValueError``) to produce what the decoders would refuse.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from collections.abc import Container
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from wgkex.keys import key_problem
-
-# -- topics ------------------------------------------------------------------------------------
-
-#: What the broker subscribes to for its picture of the workers.
-STATUS_FILTER = "wireguard-worker/+/status"
-DATA_FILTER = "wireguard-worker/+/+/data"
-METRICS_FILTER = "wireguard-metrics/+/+/connected_peers"
-REPORT_FILTERS = (STATUS_FILTER, DATA_FILTER, METRICS_FILTER)
-
-
-def key_topic(domain: str) -> str:
-    """Where the broker publishes a router's key for ``domain``."""
-    return f"wireguard/{domain}/all"
-
-
-def key_filter(domain: str) -> str:
-    """What a worker subscribes to for ``domain``'s keys (any last level, as the original)."""
-    return f"wireguard/{domain}/+"
-
-
-def status_topic(worker: str) -> str:
-    """A worker's retained online state (and its last will)."""
-    return f"wireguard-worker/{worker}/status"
-
-
-def data_topic(worker: str, domain: str) -> str:
-    """A worker's retained endpoint data for ``domain``."""
-    return f"wireguard-worker/{worker}/{domain}/data"
-
-
-def metric_topic(worker: str, domain: str) -> str:
-    """A worker's retained connected-peer count for ``domain`` (note: domain first)."""
-    return f"wireguard-metrics/{domain}/{worker}/connected_peers"
-
-
-# -- refusals ----------------------------------------------------------------------------------
-
-#: Why a worker refuses a key message (``wgkex_worker_keys_invalid_total{reason}``).
-KEY_REASONS = ("topic", "domain", "payload", "key")
-
-#: What kind of worker report the broker refused; ``topic`` when the topic has no known shape.
-REPORT_KINDS = ("status", "data", "metric", "topic")
-
-#: Why the broker refused a worker report (``wgkex_broker_bus_messages_invalid_total{reason}``).
-REPORT_REASONS = (
-    "topic",  # not one of the three report topics
-    "worker_name",  # the worker level breaks the name rule
-    "domain",  # a domain this reader does not serve
-    "too_many_workers",  # the broker's bound on distinct workers
-    "too_large",  # payload over its size limit
-    "encoding",  # not ASCII / UTF-8
-    "syntax",  # not the payload's grammar (not an integer, not JSON)
-    "value",  # parsed, but not an allowed value or shape
-    "range",  # a number out of its range
-    "address",  # ExternalAddress
-    "port",  # Port
-    "public_key",  # PublicKey
-    "link_address",  # LinkAddress
+from wgkex.contract.refusals import Refused, shown
+from wgkex.contract.rules import (
+    MAX_CONNECTED_PEERS,
+    NOT_ELIGIBLE,
+    host_problem,
+    link_address_problem,
+    port_problem,
+    worker_name_problem,
 )
-
-Kind = Literal["key", "status", "data", "metric", "topic"]
-
-
-class Refused(ValueError):
-    """A bus message that breaks the contract. ``kind``/``reason`` label counters; ``str()`` says why."""
-
-    def __init__(self, kind: Kind, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.kind: Kind = kind
-        self.reason = reason
-
-
-def shown(text: str | bytes, limit: int = 80) -> str:
-    """``text`` from the bus made safe for a log line: at most ``limit`` characters, ASCII-escaped, quoted."""
-    cut = text[:limit]
-    more = "..." if len(text) > limit else ""
-    return ascii(cut) + more
-
-
-# -- names, addresses, numbers -----------------------------------------------------------------
-
-#: Longest DNS name (RFC 1123) and worker name.
-MAX_NAME = 253
-_WORKER_NAME = re.compile(r"[A-Za-z0-9._-]{1,253}", re.ASCII)
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.ASCII)
-#: Longest text form of an IPv6 address (with an embedded IPv4 address).
-_MAX_IPV6_TEXT = 45
-
-#: The connected-peers value meaning "not eligible for this domain" (shutdown, interface missing).
-NOT_ELIGIBLE = -1
-MAX_CONNECTED_PEERS = 10_000_000
-
-
-def worker_name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a worker name on the bus (1-253 of ``A-Z a-z 0-9 . _ -``), or None."""
-    if not isinstance(name, str):
-        return "a worker name must be a string"
-    if _WORKER_NAME.fullmatch(name) is None:
-        return "a worker name must be 1 to 253 characters from A-Z, a-z, 0-9, '.', '_' and '-'"
-    return None
-
-
-def host_problem(host: object) -> str | None:
-    """Why ``host`` is neither a DNS host name (RFC 1123) nor an IP address literal, or None."""
-    if not isinstance(host, str):
-        return "must be a string"
-    if not host or len(host) > MAX_NAME:
-        return f"must be a host name or IP address of 1 to {MAX_NAME} characters"
-    if "%" not in host:
-        try:
-            ipaddress.ip_address(host)
-            return None
-        except ValueError:
-            pass
-    if _HOST_NAME.fullmatch(host) is not None and not host.rsplit(".", 1)[-1].isdigit():
-        return None
-    return "must be a DNS host name (letters, digits, '-' in dot-separated labels) or an IP address without zone"
-
-
-def link_address_problem(address: object) -> str | None:
-    """Why ``address`` is not an IPv6 link-local address (fe80::/10) without zone, or None."""
-    if not isinstance(address, str):
-        return "must be a string"
-    if len(address) > _MAX_IPV6_TEXT or "%" in address:
-        return "must be an IPv6 link-local address without zone"
-    try:
-        parsed = ipaddress.IPv6Address(address)
-    except ValueError:
-        return "must be an IPv6 link-local address without zone"
-    if not parsed.is_link_local:
-        return "must be an IPv6 link-local address (fe80::/10)"
-    return None
-
-
-def port_problem(port: object) -> str | None:
-    """Why ``port`` is not an integer in 1..65535 (booleans and strings are not), or None."""
-    if isinstance(port, bool) or not isinstance(port, int):
-        return "must be an integer"
-    if not 1 <= port <= 65535:
-        return "must be in 1..65535"
-    return None
-
+from wgkex.keys import key_problem
 
 # -- key (broker -> workers) -------------------------------------------------------------------
 
