@@ -94,7 +94,7 @@ class V1Tests(ApiCase):
     def test_publish_failure_is_503(self) -> None:
         """A publish whose Deferred fails (bus stopped) is answered 503, not 200."""
         d = self.b.treq.post(V1, data=body(), headers=GLUON_HEADERS)
-        self.b.bus.published[0].deferred.errback(RuntimeError("stopped"))
+        self.b.bus.deferreds[0].errback(RuntimeError("stopped"))
         self.b.treq.flush()
         response = self.successResultOf(d)
         self.assertEqual(response.code, 503)
@@ -262,7 +262,7 @@ class LostKeyLogTests(ApiCase):
     def test_failed_publish_logged_without_traceback(self) -> None:
         """A publish that fails while the reply waits is a warning naming key, domain and reason, no traceback."""
         d = self.b.treq.post(V1, data=body(), headers=GLUON_HEADERS)
-        self.b.bus.published[0].deferred.errback(RuntimeError("MQTT service stopped before the server acked"))
+        self.b.bus.deferreds[0].errback(RuntimeError("MQTT service stopped before the server acked"))
         self.b.treq.flush()
         self.assertEqual(self.successResultOf(d).code, 503)
         self.assertOneWarning()
@@ -271,7 +271,7 @@ class LostKeyLogTests(ApiCase):
         """A key queued while MQTT was down and dropped at stop is a warning naming it, no traceback."""
         self.b.bus.connected = False
         self.assertEqual(self.post(V1, body(), ack=False)[0], 200)
-        self.b.bus.published[0].deferred.errback(RuntimeError("MQTT service stopped before the server acked"))
+        self.b.bus.deferreds[0].errback(RuntimeError("MQTT service stopped before the server acked"))
         self.assertOneWarning()
 
 

@@ -1,24 +1,22 @@
 """Fakes and builders shared by the broker's unit tests (no tests in here).
 
-:class:`FakeBus` has the interface of :class:`wgkex.mqtt.MqttService` that the
-broker uses (``publish``, ``subscribe``, ``connected``, ``reconnects``,
-``pending``), in memory: publishes are recorded with their Deferreds, which a
-test fires with :meth:`FakeBus.ack`; messages are delivered to subscribers
-with :meth:`FakeBus.deliver`.
+:class:`Broker` builds the API on :class:`tests.support.bus.FakeBus` (shared
+with the worker's tests), connected and holding publishes until the test
+calls :meth:`~tests.support.bus.FakeBus.ack`, with a queue of 10 while
+disconnected; messages reach subscribers with
+:meth:`~tests.support.bus.FakeBus.deliver`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.server import Site
 
+from tests.support.bus import FakeBus
 from wgkex.broker.api import BrokerApi
 from wgkex.broker.keylists import KeyLists
 from wgkex.broker.metrics import BrokerMetrics
@@ -26,7 +24,6 @@ from wgkex.broker.ratelimit import RateLimiter
 from wgkex.broker.site import make_site
 from wgkex.broker.workers import WorkerPicture, WorkerTracker
 from wgkex.config import Config, parse_config
-from wgkex.mqtt import QueueFull
 
 KEY = "o52Ge+Rpj4CUSitVag9mS7pSXUesNM0ESnvj/wwehkg="
 KEY2 = "gP3VJnTTvnQut+z4O+m0N9RgMyXbgyUbUkF3E3TKX2w="
@@ -41,67 +38,6 @@ GLUON_HEADERS = {
     b"X-Board-Name": [b"tplink,archer-c7-v2"],
     b"X-Firmware-Version": [b"v2023.2.3+ffmuc"],
 }
-
-
-def _topic_matches(topic_filter: str, topic: str) -> bool:
-    f = topic_filter.split("/")
-    t = topic.split("/")
-    for i, part in enumerate(f):
-        if part == "#":
-            return True
-        if i >= len(t) or (part != "+" and part != t[i]):
-            return False
-    return len(f) == len(t)
-
-
-@dataclass
-class Published:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    deferred: Deferred[None]
-
-
-@dataclass
-class FakeBus:
-    """An in-memory stand-in for MqttService."""
-
-    connected: bool = True
-    reconnects: int = 0
-    queue_limit: int = 10
-    published: list[Published] = field(default_factory=list)
-    subscriptions: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = field(default_factory=list)
-
-    @property
-    def pending(self) -> int:
-        return sum(1 for p in self.published if not p.deferred.called) if not self.connected else 0
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]:
-        data = payload.encode() if isinstance(payload, str) else bytes(payload)
-        if not self.connected and sum(1 for p in self.published if not p.deferred.called) >= self.queue_limit:
-            raise QueueFull("queue full")
-        d: Deferred[None] = Deferred()
-        self.published.append(Published(topic, data, qos, retain, d))
-        return d
-
-    def ack(self) -> None:
-        """The server acknowledges everything published so far."""
-        for p in self.published:
-            if not p.deferred.called:
-                p.deferred.callback(None)
-
-    def keys(self) -> list[tuple[str, bytes]]:
-        return [(p.topic, p.payload) for p in self.published]
-
-    def subscribe(self, topic_filter: str, qos: int, callback: Callable[[str, bytes, bool], None]) -> None:
-        self.subscriptions.append((topic_filter, qos, callback))
-
-    def deliver(self, topic: str, payload: bytes | str, retained: bool = True) -> None:
-        data = payload.encode() if isinstance(payload, str) else payload
-        for topic_filter, _, callback in self.subscriptions:
-            if _topic_matches(topic_filter, topic):
-                callback(topic, data, retained)
 
 
 def make_config(**overrides: Any) -> Config:
@@ -128,7 +64,7 @@ class Broker:
         self.config = make_config(**config)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.bus = FakeBus(connected=connected)
+        self.bus = FakeBus(connected=connected, acks=False, queue_limit=10)
         self.picture = WorkerPicture(self.config.domains, self.config.weight, self.clock)
         self.metrics = BrokerMetrics(self.picture, lambda: self.bus, process=False)
         self.tracker = WorkerTracker(self.picture, self.clock, on_invalid=self.metrics.count_bus_invalid)

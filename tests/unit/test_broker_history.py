@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_broker_api import V1, V2, ApiCase, body
+from tests.support.bus import FakeBus
 from tests.support.memory import deep_size
 from tests.unit.test_broker_fakes import endpoint_data
 from wgkex.broker.charts import nice_ceiling
@@ -109,19 +110,14 @@ class HistoryTests(SynchronousTestCase):
 
     def test_also_to_keeps_one_subscription(self) -> None:
         """The tracker's metrics subscription also feeds the history; other filters pass through untouched."""
-        subscribed: list[tuple[str, Any]] = []
-
-        class Bus:
-            def subscribe(self, topic_filter: str, qos: int, callback: Any) -> None:
-                subscribed.append((topic_filter, callback))
-
+        bus = FakeBus()
         got: list[str] = []
-        tee = AlsoTo(Bus(), "m/+", lambda t, p, r: got.append("also " + t))
+        tee = AlsoTo(bus, "m/+", lambda t, p, r: got.append("also " + t))
         tee.subscribe("m/+", 1, lambda t, p, r: got.append("first " + t))
         tee.subscribe("s/+", 1, lambda t, p, r: got.append("other " + t))
-        self.assertEqual([f for f, _ in subscribed], ["m/+", "s/+"])
-        subscribed[0][1]("m/x", b"1", False)
-        subscribed[1][1]("s/x", b"1", False)
+        self.assertEqual([f for f, _, _ in bus.subscriptions], ["m/+", "s/+"])
+        bus.deliver("m/x", b"1")
+        bus.deliver("s/x", b"1")
         self.assertEqual(got, ["first m/x", "also m/x", "other s/x"])
 
 

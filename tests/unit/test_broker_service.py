@@ -8,14 +8,14 @@ import sys
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_broker_fakes import FakeBus, make_config
+from tests.support.bus import FakeBus
+from tests.unit.test_broker_fakes import make_config
 from wgkex import listen as listen_module
 from wgkex.broker.service import Broker, build_broker, too_large_counter, with_backlog
 from wgkex.listen import ListenService
@@ -24,14 +24,13 @@ from wgkex.config import MqttConfig
 from wgkex.mqtt import MqttService
 
 
-class FakeMqtt(Service, FakeBus):
-    """FakeBus as a service, built the way BrokerService builds MqttService."""
+class FakeMqtt(FakeBus):
+    """The shared FakeBus, built the way build_broker builds MqttService."""
 
     def __init__(self, reactor: Any, settings: MqttConfig, name: str = "mqtt", spool: Any = None) -> None:
-        FakeBus.__init__(self)
+        super().__init__(connected=True, acks=False, queue_limit=10, name=name)
         self.settings = settings
         self.spool = spool
-        self.setName(name)
 
 
 class RefusingReactor(MemoryReactorClock):

@@ -11,7 +11,8 @@ from typing import cast
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_broker_fakes import GW_KEY, Broker, FakeBus, endpoint_data
+from tests.support.bus import FakeBus
+from tests.unit.test_broker_fakes import GW_KEY, Broker, endpoint_data
 from tests.unit.test_contract import data_with as contract_data_with
 from wgkex import contract
 from wgkex.broker.workers import Endpoint, Refused, WorkerPicture, WorkerTracker
@@ -220,7 +221,7 @@ class TrackerTests(SynchronousTestCase):
         self.picture = WorkerPicture(("ffmuc_welt",), lambda n: 1, self.clock)
         self.invalid: list[Refused] = []
         self.tracker = WorkerTracker(self.picture, self.clock, on_invalid=self.invalid.append, log_interval=60)
-        self.bus = FakeBus()
+        self.bus = FakeBus(connected=True)
         self.tracker.subscribe(self.bus)
         self.events: list[LogEvent] = []
         observer = cast(ILogObserver, self.events.append)

@@ -10,8 +10,8 @@
 * :class:`LazyExecutor` stands in for the pool's WireGuard thread: it runs
   submitted work only when its result is asked for, so a test sees what a job
   did while that work was "running".
-* :class:`FakeBus` speaks the ``MqttService`` interface in memory and records
-  every publish and the moment it stopped.
+* The bus is :class:`tests.support.bus.FakeBus`, shared with the broker's tests
+  (its own tests are in ``test_fake_bus``).
 
 The tests at the bottom pin the fakes' own behaviour, so that the tests
 built on them rest on something checked.
@@ -328,95 +328,6 @@ class _LazyFuture(Future[Any]):
         return super().result(timeout)
 
 
-class FakeBus:
-    """``MqttService`` in memory: subscriptions, callbacks, publishes, and an event log."""
-
-    def __init__(self, connected: bool = False) -> None:
-        self._connected = connected
-        self.subscriptions: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = []
-        self.connect_callbacks: list[Callable[[], None]] = []
-        self.disconnect_callbacks: list[Callable[[], None]] = []
-        self.published: list[tuple[str, bytes, int, bool]] = []
-        #: ("publish", topic, payload) and ("start",), ("stop",) in the order they happened.
-        self.events: list[tuple[Any, ...]] = []
-        self.running = 0
-        self.name = "mqtt"
-        self.parent: Any = None
-        self.queue_full = False
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    def subscribe(self, topic_filter: str, qos: int, callback: Callable[[str, bytes, bool], None]) -> None:
-        self.subscriptions.append((topic_filter, qos, callback))
-
-    def add_connect_callback(self, cb: Callable[[], None]) -> None:
-        self.connect_callbacks.append(cb)
-
-    def add_disconnect_callback(self, cb: Callable[[], None]) -> None:
-        self.disconnect_callbacks.append(cb)
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]:
-        if self.queue_full and not self._connected:
-            raise RuntimeError("queue full")  # stands in for wgkex.mqtt.QueueFull
-        data = payload.encode() if isinstance(payload, str) else payload
-        self.published.append((topic, data, qos, retain))
-        self.events.append(("publish", topic, data))
-        return succeed(None)
-
-    # The bits of IService the service tree uses.
-    def setServiceParent(self, parent: Any) -> None:
-        self.parent = parent
-        parent.addService(self)
-
-    def disownServiceParent(self) -> None:
-        self.parent = None
-
-    def privilegedStartService(self) -> None:
-        pass
-
-    def startService(self) -> None:
-        self.running = 1
-        self.events.append(("start",))
-
-    def stopService(self) -> Deferred[None]:
-        self.running = 0
-        self.events.append(("stop",))
-        return succeed(None)
-
-    # Test controls.
-    def connect(self) -> None:
-        self._connected = True
-        for cb in self.connect_callbacks:
-            cb()
-
-    def disconnect(self) -> None:
-        self._connected = False
-        for cb in self.disconnect_callbacks:
-            cb()
-
-    def deliver(self, topic: str, payload: bytes, retained: bool = False) -> None:
-        """Hand a message to every subscription whose filter matches ``topic``."""
-        for topic_filter, _, callback in self.subscriptions:
-            if _matches(topic_filter, topic):
-                callback(topic, payload, retained)
-
-    def last(self, topic: str) -> bytes | None:
-        """The payload last published on ``topic``."""
-        for t, payload, _, _ in reversed(self.published):
-            if t == topic:
-                return payload
-        return None
-
-
-def _matches(topic_filter: str, topic: str) -> bool:
-    f, t = topic_filter.split("/"), topic.split("/")
-    if f and f[-1] == "#":
-        return t[: len(f) - 1] == f[:-1]
-    return len(f) == len(t) and all(a in ("+", b) for a, b in zip(f, t))
-
-
 class FakesTests(SynchronousTestCase):
     """The fakes behave like the real boundary where the worker relies on it."""
 
@@ -452,16 +363,6 @@ class FakesTests(SynchronousTestCase):
             self.wg.add_peers("wg-welt", [(KEY_A, LL_A + "/128"), (KEY_B, LL_B + "/128")])
         self.assertEqual(set(caught.exception.failed), {KEY_B})
         self.assertEqual([p.public_key for p in self.wg.peers("wg-welt")], [KEY_A])
-
-    def test_bus_matching(self) -> None:
-        """The fake bus delivers by MQTT filter rules."""
-        got: list[str] = []
-        bus = FakeBus()
-        bus.subscribe("wireguard/ffmuc_welt/+", 1, lambda t, p, r: got.append(t))
-        bus.deliver("wireguard/ffmuc_welt/all", b"x")
-        bus.deliver("wireguard/ffmuc_ost/all", b"x")
-        bus.deliver("wireguard/ffmuc_welt/all/extra", b"x")
-        self.assertEqual(got, ["wireguard/ffmuc_welt/all"])
 
     def test_lazy_executor_runs_on_demand_in_order(self) -> None:
         """LazyExecutor runs nothing at submit; asking for a result runs the work queued up to it."""

@@ -9,11 +9,11 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.bus import FakeBus
 from tests.unit.test_worker_fakes import (
     GATEWAY_KEY,
     KEY_A,
     KEY_B,
-    FakeBus,
     ManualPool,
     FakeKernel,
     SyncPool,
@@ -195,7 +195,7 @@ class ReporterTests(SynchronousTestCase):
 
     def test_publish_refused(self) -> None:
         """A publish refused synchronously (queue full) is logged, not raised."""
-        self.bus.queue_full = True
+        self.bus.queue_limit = 0
         with capturedLogs() as events:
             self.reporter.goodbye()
         self.assertEqual(len([e for e in events if e["log_level"] == LogLevel.warn]), 3)

@@ -14,11 +14,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.bus import FakeBus
 from tests.unit.test_worker_fakes import (
     GATEWAY_KEY,
     KEY_A,
     KEY_B,
-    FakeBus,
     FakeKernel,
     ManualPool,
     SyncPool,

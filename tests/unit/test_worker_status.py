@@ -9,7 +9,8 @@ from treq.testing import StubTreq
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_worker_fakes import KEY_A, KEY_B, FakeBus, FakeKernel, backends_for, key, make_config
+from tests.support.bus import FakeBus
+from tests.unit.test_worker_fakes import KEY_A, KEY_B, FakeKernel, backends_for, key, make_config
 from tests.unit.test_worker_service import START, FakePort, SyncPoolService
 from wgkex.keys import lladdr
 from wgkex.worker.http import status_site
