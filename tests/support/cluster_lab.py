@@ -150,7 +150,10 @@ class ClusterLab:
             config = broker_config(domains=[self.domain], prefixes=PREFIXES,
                                    weights={n: 1 for n in self.gateway_names}, mqtt_port=1883, listen_port=port)
             config["mqtt"] = self.mqtt_section(index)
-            config["broker"] = {"rate_limit": 1_000_000, "rate_burst": 1_000_000}
+            # Each broker its own spool (the default /var/lib/wgkex would be shared, and a
+            # segment left by one test's killed broker replayed by the next test's).
+            config["broker"] = {"rate_limit": 1_000_000, "rate_burst": 1_000_000,
+                                "state_dir": os.path.join(self.directory, f"broker{index + 1}-state")}
             path = write_config(os.path.join(self.directory, f"broker{index + 1}.yaml"), config)
             broker = BrokerProc(f"broker{index + 1}", port,
                                 [twistd(), "-n", "--pidfile=", "wgkex-broker", "--config", path],
