@@ -55,9 +55,11 @@ def process_gone(pid: int) -> bool:
 class Mosquitto(lab_mosquitto.Mosquitto):
     """The lab's mosquitto in a temporary directory of its own."""
 
-    def __init__(self, port: int | None = None, unix_socket: str | None = None, persistence: bool = True) -> None:
+    def __init__(self, port: int | None = None, unix_socket: str | None = None, persistence: bool = True,
+                 save_every_change: bool = False) -> None:
         self.dir = tempfile.mkdtemp(prefix="wgkex-mosq-")
-        super().__init__(self.dir, port=port, unix_socket=unix_socket, persistence=persistence)
+        super().__init__(self.dir, port=port, unix_socket=unix_socket, persistence=persistence,
+                         save_every_change=save_every_change)
 
     def cleanup(self) -> None:
         self.stop()
@@ -65,9 +67,10 @@ class Mosquitto(lab_mosquitto.Mosquitto):
 
 
 def start_mosquitto(testcase: _Cleanable, port: int | None = None, unix_socket: str | None = None,
-                    persistence: bool = True) -> Mosquitto:
-    """Start a fresh mosquitto for ``testcase`` and register its teardown."""
-    m = Mosquitto(port=port, unix_socket=unix_socket, persistence=persistence)
+                    persistence: bool = True, save_every_change: bool = False) -> Mosquitto:
+    """Start a fresh mosquitto for ``testcase`` and register its teardown (``save_every_change``:
+    a SIGKILL loses nothing it acknowledged, see :mod:`wgkex.lab.mosquitto`)."""
+    m = Mosquitto(port=port, unix_socket=unix_socket, persistence=persistence, save_every_change=save_every_change)
     testcase.addCleanup(m.cleanup)
     m.start()
     return m

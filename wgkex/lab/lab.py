@@ -170,7 +170,10 @@ class Lab:
         self.lan = self.ledger.add_netns(Namespace.create(f"wgkex-{self.id}-lan"))
         add_bridge(self.lan, BRIDGE)
 
-        self.mosquitto = Mosquitto(os.path.join(self.directory, "mqtt"), unix_socket=self.mqtt_socket)
+        # Saved on every change, as a deployment that must survive a server crash should be
+        # (see wgkex.lab.mosquitto): the fault tests SIGKILL it.
+        self.mosquitto = Mosquitto(os.path.join(self.directory, "mqtt"), unix_socket=self.mqtt_socket,
+                                   save_every_change=True)
         self.ledger.add_proc(self.mosquitto.start())
 
         self.broker_port = free_port()
