@@ -46,7 +46,7 @@ venv: $(VENV)/.installed
 # 60 MB; a minute here).
 test: APT_PACKAGES += rabbitmq-server
 test: deps venv test-tools
-	$(BIN)/mypy wgkex
+	$(BIN)/mypy wgkex tests
 	$(BIN)/trial --jobs=$(TRIAL_JOBS) $(MAIN_TESTS)
 	$(BIN)/trial --temp-directory=_trial_temp.heavy $(HEAVY_TESTS)
 
@@ -92,7 +92,7 @@ bench: deps venv
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 typecheck: venv
-	$(BIN)/mypy wgkex
+	$(BIN)/mypy wgkex tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* twisted/plugins/dropin.cache .cache

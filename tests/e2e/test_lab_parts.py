@@ -92,8 +92,12 @@ class RouterRequestTests(SynchronousTestCase):
 class LedgerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = os.path.join(tempfile.mkdtemp(prefix="wgkex-ledger-"), "lab")
-        self.addCleanup(lambda: os.path.isdir(os.path.dirname(self.dir))
-                        and os.rmdir(os.path.dirname(self.dir)))
+
+        def remove() -> None:
+            if os.path.isdir(os.path.dirname(self.dir)):
+                os.rmdir(os.path.dirname(self.dir))
+
+        self.addCleanup(remove)
 
     def test_teardown_from_another_process_view(self) -> None:
         """A second Ledger read from disk stops the recorded process and removes the recorded files."""

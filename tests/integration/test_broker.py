@@ -426,7 +426,7 @@ class BrokerIntegrationTests(SynchronousTestCase):
         one = BrokerProcess(self, self.mosquitto.port)
         two = BrokerProcess(self, self.mosquitto.port)
         for broker in (one, two):
-            wait_for(lambda b=broker: b.status()["domains"]["ffmuc_welt"]["next"] == "gw-b", 10, what="worker")
+            wait_for(lambda: broker.status()["domains"]["ffmuc_welt"]["next"] == "gw-b", 10, what="worker")
             code, _, body = broker.post("/api/v2/wg/key/exchange", v1_body(KEY))
             self.assertEqual((code, json.loads(body)["Endpoint"]["Address"]), (200, "b.example"))
         wait_for(lambda: len(sub.keys()) == 2, 5, what="both keys")

@@ -13,7 +13,7 @@ from tests.support.mosquitto import free_port
 
 class CheckConfigTests(TestCase):
     def write(self, text: str) -> str:
-        path = os.path.abspath(self.mktemp())
+        path: str = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(text)
         return path

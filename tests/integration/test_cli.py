@@ -167,7 +167,12 @@ class TwistTests(TestCase):
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([os.path.join(BIN, "twist"), "wgkex-broker", "--config", path],
                                     cwd=scratch, stdout=log, stderr=subprocess.STDOUT)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+
+        def kill() -> None:
+            if proc.poll() is None:
+                proc.kill()
+
+        self.addCleanup(kill)
 
         def status(url_path: str) -> int | None:
             try:

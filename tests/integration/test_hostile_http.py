@@ -117,7 +117,7 @@ class HostileHttpTests(SynchronousTestCase):
 
     def attack(self, broker: BrokerProcess, name: str, run: Callable[[], None], seconds: float,
                source: str = "127.0.0.1", probe_during_set_up: bool = True,
-               max_failures: int = 0) -> dict[str, float]:
+               max_failures: int = 0) -> dict[str, object]:
         """Run ``run`` (the attack's set-up), then probe for ``seconds``; check and log the figures.
 
         The probe starts before ``run`` unless ``probe_during_set_up`` is false.

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -123,17 +124,17 @@ class LiveResponseTests(SynchronousTestCase):
         recipes: dict[tuple[str, str, str], Callable[[], Reply]] = {}
         for version in ("v1", "v2"):
             path = f"/api/{version}/wg/key/exchange"
-            recipes[(path, "post", "200")] = lambda path=path: self.gluon(up, path, v1_body())
-            recipes[(path, "post", "400")] = lambda path=path: self.gluon(up, path, v1_body("not a key"))
-            recipes[(path, "post", "403")] = lambda path=path: self.gluon(up, path, v1_body(KEY2))
+            recipes[(path, "post", "200")] = partial(self.gluon, up, path, v1_body())
+            recipes[(path, "post", "400")] = partial(self.gluon, up, path, v1_body("not a key"))
+            recipes[(path, "post", "403")] = partial(self.gluon, up, path, v1_body(KEY2))
             recipes[(path, "post", "413")] = too_large(version)
             recipes[(path, "post", "429")] = rate_limited(version)
-            recipes[(path, "get", "405")] = lambda path=path: request(up.port, "GET", path)
+            recipes[(path, "get", "405")] = partial(request, up.port, "GET", path)
         recipes[("/api/v1/wg/key/exchange", "post", "503")] = queue_full("v1")
         recipes[("/api/v2/wg/key/exchange", "post", "503")] = lambda: self.gluon(
             up, "/api/v2/wg/key/exchange", v1_body(domain="ffmuc_muc"))
         for path in ("/", "/api/v1/status", "/api/openapi.json", "/metrics", "/healthz", "/readyz"):
-            recipes[(path, "get", "200")] = lambda path=path: request(up.port, "GET", path)
+            recipes[(path, "get", "200")] = partial(request, up.port, "GET", path)
         recipes[("/readyz", "get", "503")] = lambda: request(down_broker().port, "GET", "/readyz")
         recipes[("/{path}", "get", "404")] = lambda: request(up.port, "GET", "/nothing-here")
         return recipes

@@ -34,7 +34,9 @@ def have_mosquitto() -> bool:
     return os.path.exists(MOSQUITTO)
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> T:
     """Poll ``predicate`` until it returns a true value or ``timeout`` passes; return that value.
 
     The lab's ``wait_until``, failing the test (AssertionError) rather than the lab.

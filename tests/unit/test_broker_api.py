@@ -9,7 +9,7 @@ from typing import Any, cast
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_broker_fakes import GLUON_HEADERS, GW_KEY, GW_KEY2, KEY, KEY2, Broker
+from tests.unit.test_broker_fakes import GLUON_HEADERS, GW_KEY, GW_KEY2, KEY, KEY2, QUEUE_LIMIT, Broker
 from wgkex.broker.keylists import KeyLists, parse_key_list
 
 BASE = "http://broker.example"
@@ -288,10 +288,10 @@ class QueueTests(ApiCase):
 
     def test_queue_full_is_503(self) -> None:
         """When the pending queue is full: 503 saying so."""
-        for _ in range(self.b.bus.queue_limit):
+        for _ in range(QUEUE_LIMIT):
             self.assertEqual(self.post(V1, body(), ack=False)[0], 200)
         self.assertJsonError(self.post(V1, body(), ack=False), 503, "queue of pending keys is full")
-        self.assertEqual(len(self.b.bus.published), self.b.bus.queue_limit)
+        self.assertEqual(len(self.b.bus.published), QUEUE_LIMIT)
 
     def test_v2_queue_full_takes_choice_back(self) -> None:
         """A v2 request refused for a full queue does not count a peer for the chosen worker."""

@@ -57,7 +57,7 @@ class BufferedTransport(StringTransport):
 
     def client_reads(self) -> bytes:
         """The client takes everything; the transport resumes its producer as the reactor would."""
-        data = self.value()
+        data: bytes = self.value()
         self.clear()
         if getattr(self, "_full", False) and self.producer is not None:
             self._full = False

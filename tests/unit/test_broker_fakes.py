@@ -2,8 +2,8 @@
 
 :class:`Broker` builds the API on :class:`tests.support.bus.FakeBus` (shared
 with the worker's tests), connected and holding publishes until the test
-calls :meth:`~tests.support.bus.FakeBus.ack`, with a queue of 10 while
-disconnected; messages reach subscribers with
+calls :meth:`~tests.support.bus.FakeBus.ack`, with a queue of
+:data:`QUEUE_LIMIT` while disconnected; messages reach subscribers with
 :meth:`~tests.support.bus.FakeBus.deliver`.
 """
 
@@ -29,6 +29,9 @@ KEY = "o52Ge+Rpj4CUSitVag9mS7pSXUesNM0ESnvj/wwehkg="
 KEY2 = "gP3VJnTTvnQut+z4O+m0N9RgMyXbgyUbUkF3E3TKX2w="
 GW_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 GW_KEY2 = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8="
+
+#: Publishes the fake bus keeps while disconnected (the broker's mqtt.queue_limit in these tests).
+QUEUE_LIMIT = 10
 
 #: The headers Gluon's checkuplink sends (uclient-fetch; no JSON content type).
 GLUON_HEADERS = {
@@ -64,7 +67,7 @@ class Broker:
         self.config = make_config(**config)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.bus = FakeBus(connected=connected, acks=False, queue_limit=10)
+        self.bus = FakeBus(connected=connected, acks=False, queue_limit=QUEUE_LIMIT)
         self.picture = WorkerPicture(self.config.domains, self.config.weight, self.clock)
         self.metrics = BrokerMetrics(self.picture, lambda: self.bus, process=False)
         self.tracker = WorkerTracker(self.picture, self.clock, on_invalid=self.metrics.count_bus_invalid)

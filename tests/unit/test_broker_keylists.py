@@ -6,8 +6,10 @@ import signal
 from collections.abc import Callable
 from typing import Any, cast
 
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from tests.unit.test_broker_fakes import KEY, KEY2
 from wgkex.broker.keylists import KeyLists, KeyListService, ListUnreadable, parse_key_list, read_key_list
@@ -37,9 +39,10 @@ class FakeSignals:
         return old
 
 
+@implementer(IReactorFromThreads)
 class ImmediateReactor:
-    def callFromThread(self, f: Callable[..., object], *args: object) -> None:
-        f(*args)
+    def callFromThread(self, callable: Callable[..., object], *args: object, **kwargs: object) -> None:
+        callable(*args, **kwargs)
 
 
 class ParseTests(SynchronousTestCase):

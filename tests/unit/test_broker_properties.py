@@ -153,4 +153,4 @@ class RawConnectionTests(SynchronousTestCase):
         for p in b.bus.published:
             self.assertTrue(is_valid_public_key(p.payload.decode("ascii")), p.payload)
             self.assertIn(p.topic, [f"wireguard/{d}/all" for d in DOMAINS])
-        channel.connectionLost(None)  # type: ignore[arg-type]
+        channel.connectionLost(None)

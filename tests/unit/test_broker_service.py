@@ -11,11 +11,11 @@ from typing import Any, cast
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.bus import FakeBus
-from tests.unit.test_broker_fakes import make_config
+from tests.support.reactors import ThreadedMemoryReactor
+from tests.unit.test_broker_fakes import QUEUE_LIMIT, make_config
 from wgkex import listen as listen_module
 from wgkex.broker.service import Broker, build_broker, too_large_counter, with_backlog
 from wgkex.listen import ListenService
@@ -28,28 +28,29 @@ class FakeMqtt(FakeBus):
     """The shared FakeBus, built the way build_broker builds MqttService."""
 
     def __init__(self, reactor: Any, settings: MqttConfig, name: str = "mqtt", spool: Any = None) -> None:
-        super().__init__(connected=True, acks=False, queue_limit=10, name=name)
+        super().__init__(connected=True, acks=False, queue_limit=QUEUE_LIMIT, name=name)
         self.settings = settings
         self.spool = spool
 
 
-class RefusingReactor(MemoryReactorClock):
+class RefusingReactor(ThreadedMemoryReactor):
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
         raise CannotListenError(interface, port, OSError(98, "Address already in use"))
 
 
-class StoppableReactor(MemoryReactorClock):
+class StoppableReactor(ThreadedMemoryReactor):
     """Records the shutdown trigger and the stop that an asynchronous listen failure asks for."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.triggers: list[tuple[str, str, int]] = []
+        self.shutdown_triggers: list[tuple[object, ...]] = []
         self.stopped = False
         self.running = True
 
-    def addSystemEventTrigger(self, phase: str, event: str, f: Any, *args: Any, **kw: Any) -> Any:
-        self.triggers.append((phase, event, *args))
-        return None
+    def addSystemEventTrigger(
+        self, phase: str, eventType: str, callable: Callable[..., object], *args: object, **kw: object
+    ) -> None:
+        self.shutdown_triggers.append((phase, eventType, *args))
 
     def stop(self) -> None:
         self.stopped = True
@@ -81,8 +82,8 @@ class BacklogTests(SynchronousTestCase):
 
 
 class TreeTests(SynchronousTestCase):
-    def build(self, reactor: Any = None, **config: Any) -> tuple[Broker, MemoryReactorClock]:
-        reactor = reactor or MemoryReactorClock()
+    def build(self, reactor: ThreadedMemoryReactor | None = None, **config: Any) -> tuple[Broker, ThreadedMemoryReactor]:
+        reactor = reactor or ThreadedMemoryReactor()
         cfg = make_config(log_level="debug", **config)
         broker = build_broker(cfg, reactor, mqtt_factory=cast(Callable[..., MqttService], FakeMqtt))
         return broker, reactor
@@ -135,8 +136,8 @@ class TreeTests(SynchronousTestCase):
             order.append("mqtt")
             return original_mqtt()
 
-        listener.stopService = stop_http  # type: ignore[method-assign]
-        mqtt.stopService = stop_mqtt  # type: ignore[method-assign]
+        listener.stopService = stop_http
+        mqtt.stopService = stop_mqtt
         broker.service.stopService()
         self.assertEqual(order, ["http", "mqtt"])
         self.assertFalse(any(s.running for s in broker.service))
@@ -165,19 +166,19 @@ class TreeTests(SynchronousTestCase):
         self.patch(listen_module, "serverFromString", lambda r, d: LaterEndpoint(later))
         listener.privilegedStartService()
         listener.startService()
-        self.assertEqual(reactor.triggers, [])
+        self.assertEqual(reactor.shutdown_triggers, [])
         later.errback(CannotListenError("127.0.0.1", 5000, OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")))
         self.assertEqual(stderr.getvalue(),
                          "wgkex: configuration error: /etc/w.yaml: broker_listen: cannot listen on 127.0.0.1:5000: "
                          "Cannot assign requested address (the address is not on this machine)\n")
-        self.assertEqual(reactor.triggers, [("after", "shutdown", 1)])
+        self.assertEqual(reactor.shutdown_triggers, [("after", "shutdown", 1)])
         self.assertTrue(reactor.stopped)
         stopped = listener.stopService()
         self.assertIsNone(self.successResultOf(stopped if stopped is not None else succeed(None)))
 
     def test_bad_description_is_one_line_exit(self) -> None:
         """An unusable endpoint description ends the start with one line naming it."""
-        listener = ListenService(MemoryReactorClock(), "nonsense:1234", Factory(), "/etc/w.yaml", "broker_listen")
+        listener = ListenService(ThreadedMemoryReactor(), "nonsense:1234", Factory(), "/etc/w.yaml", "broker_listen")
         stderr = io.StringIO()
         self.patch(sys, "__stderr__", stderr)
         with self.assertRaises(SystemExit):
@@ -213,7 +214,7 @@ class TapTests(SynchronousTestCase):
         from wgkex.broker.tap import makeService
         from wgkex.options import Options
 
-        reactor = MemoryReactorClock()
+        reactor = ThreadedMemoryReactor()
         options = Options()
         options.config = make_config()
         service = makeService(options, reactor)

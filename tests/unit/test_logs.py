@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import cast
 
-from twisted.logger import LogBeginner, LogEvent, Logger, LogLevel, LogPublisher
+from twisted.logger import ILogObserver, LogBeginner, LogEvent, Logger, LogLevel, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from wgkex.logs import LoggingService
@@ -14,7 +15,7 @@ from wgkex.logs import LoggingService
 class LoggingServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.events: list[LogEvent] = []
-        self.publisher = LogPublisher(self.events.append)
+        self.publisher = LogPublisher(cast(ILogObserver, self.events.append))
         self.root = logging.getLogger()
         self.old_level = self.root.level
         self.addCleanup(self.root.setLevel, self.old_level)
@@ -23,7 +24,12 @@ class LoggingServiceTests(SynchronousTestCase):
     def start(self, level: str, logging_config: dict | None = None) -> LoggingService:  # type: ignore[type-arg]
         service = LoggingService(level, logging_config, self.publisher, self.beginner)
         service.startService()
-        self.addCleanup(lambda: service.running and service.stopService())
+
+        def stop() -> None:
+            if service.running:
+                service.stopService()
+
+        self.addCleanup(stop)
         return service
 
     def test_level_filters_twisted_events(self) -> None:
@@ -82,7 +88,7 @@ class LoggingServiceTests(SynchronousTestCase):
         self.start("warn")
         log = Logger(namespace="wgkex.test", observer=publisher)
         log.info("before")
-        self.beginner.beginLoggingTo([self.events.append], redirectStandardIO=False)
+        self.beginner.beginLoggingTo([cast(ILogObserver, self.events.append)], redirectStandardIO=False)
         log.info("after")
         # Nothing is filtered here: twist filters its own observer with --log-level.
         self.assertEqual([e["log_format"] for e in self.events], ["before", "after"])

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from zope.interface import implementer
-
-from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.reactors import PartsMemoryReactor
 from wgkex.reactor import IReactor, as_reactor, installed_reactor
-
-
-@implementer(IReactorThreads)
-class _ThreadedMemoryReactor(MemoryReactorClock):
-    """A memory reactor that also claims threads (enough for the check)."""
 
 
 class AsReactorTests(SynchronousTestCase):
@@ -27,7 +20,7 @@ class AsReactorTests(SynchronousTestCase):
 
     def test_complete_reactor_accepted_as_is(self) -> None:
         """A reactor with every part comes back as the same object, now providing IReactor."""
-        candidate = _ThreadedMemoryReactor()
+        candidate = PartsMemoryReactor()
         self.assertIs(as_reactor(candidate), candidate)
         self.assertTrue(IReactor.providedBy(candidate))
 

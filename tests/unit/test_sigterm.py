@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
+from twisted.logger import ILogObserver
 from twisted.trial.unittest import SynchronousTestCase
 
+from wgkex.reactor import IReactor
 from wgkex.sigterm import CleanSigterm
 
 
 class FakeReactor:
+    """The part of a reactor CleanSigterm uses (passed cast to IReactor: it provides only this part)."""
+
     def __init__(self) -> None:
         self.running = True
         self.stopped = 0
@@ -47,7 +51,7 @@ class CleanSigtermTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = FakeReactor()
         self.signals = FakeSignals()
-        self.service = CleanSigterm(self.reactor, self.signals)
+        self.service = CleanSigterm(cast(IReactor, self.reactor), self.signals)
 
     def test_installed_once_running(self) -> None:
         """The handler replaces the reactor's only once the reactor runs."""
@@ -83,9 +87,10 @@ class CleanSigtermTests(SynchronousTestCase):
         events: list[dict[str, Any]] = []
         from twisted.logger import globalLogPublisher
 
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        service = CleanSigterm(self.reactor, self.signals, hangup="nothing to reload")
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        service = CleanSigterm(cast(IReactor, self.reactor), self.signals, hangup="nothing to reload")
         service.startService()
         self.reactor.run()
         self.signals.handlers[signal.SIGHUP](signal.SIGHUP, None)

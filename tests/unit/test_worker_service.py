@@ -9,12 +9,15 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.address import IPv6Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from tests.support.bus import FakeBus
+from tests.support.reactors import ThreadedMemoryReactor
 from tests.unit.test_worker_fakes import (
     GATEWAY_KEY,
     KEY_A,
@@ -85,20 +88,27 @@ class ManualPoolService(_ServiceBits, ManualPool):
         self.keys = self.housekeeping = self
 
 
+@implementer(IListeningPort)
 class FakePort:
     def __init__(self, address: str, ifindex: int, port: int) -> None:
         self.where = (address, ifindex, port)
         self.listening = True
 
+    def startListening(self) -> None:
+        self.listening = True
+
     def stopListening(self) -> None:
         self.listening = False
+
+    def getHost(self) -> IPv6Address:
+        return IPv6Address("TCP", self.where[0], self.where[2])
 
 
 class WorkerTreeTests(SynchronousTestCase):
     """build_worker + WorkerRoot with a fake bus, kernel and pool."""
 
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = ThreadedMemoryReactor()
         self.reactor.advance(START)
         self.kernel = FakeKernel()
         self.kernel.add_domain("welt", address="fe80::1")
@@ -398,7 +408,7 @@ class WorkerTreeTests(SynchronousTestCase):
     def test_worker_listen_busy_is_not_fatal(self) -> None:
         """A busy worker_listen address is logged (naming the key and the reason) and retried; keys still land."""
 
-        class BusyReactor(MemoryReactorClock):
+        class BusyReactor(ThreadedMemoryReactor):
             busy = True
 
             def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
@@ -433,7 +443,7 @@ class WorkerTreeTests(SynchronousTestCase):
     def test_worker_listen_retry_cancelled_on_stop(self) -> None:
         """Stopping while worker_listen waits for its next try leaves no timer behind."""
 
-        class BusyReactor(MemoryReactorClock):
+        class BusyReactor(ThreadedMemoryReactor):
             def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
                 raise CannotListenError(interface, port, OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"))
 
@@ -491,7 +501,7 @@ class StatusSiteTests(SynchronousTestCase):
     """/metrics and /healthz in memory."""
 
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = ThreadedMemoryReactor()
         self.kernel = FakeKernel()
         self.kernel.add_domain("welt")
         self.kernel.add_domain("ost")
@@ -542,7 +552,7 @@ class ManyKeysTests(SynchronousTestCase):
         bus = FakeBus()
         events: list[tuple[Any, ...]] = []
         pool = ManualPoolService(backends, events)
-        root = build_worker(make_config(worker_listen="off"), MemoryReactorClock(), bus=bus, pool=pool,
+        root = build_worker(make_config(worker_listen="off"), ThreadedMemoryReactor(), bus=bus, pool=pool,
                             support=(), ifindex=kernel.ifindex, listen=lambda *a: FakePort("x", 1, 1))
         root.startService()
         pool.release()

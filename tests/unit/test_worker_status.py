@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.bus import FakeBus
+from tests.support.reactors import ThreadedMemoryReactor
 from tests.unit.test_worker_fakes import KEY_A, KEY_B, FakeKernel, backends_for, key, make_config
 from tests.unit.test_worker_service import START, FakePort, SyncPoolService
 from wgkex.keys import lladdr
@@ -20,7 +20,7 @@ from wgkex.worker.status import backend_of
 
 class WorkerStatusTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = ThreadedMemoryReactor()
         self.reactor.advance(START)
         self.kernel = FakeKernel()
         self.kernel.add_domain("welt", address="fe80::1")  # ffmuc_ost has no interfaces

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
@@ -286,7 +287,7 @@ class SweepLanesTests(SynchronousTestCase):
         back = self.stale[0]
         remove = self.wg.remove_peers
 
-        def arrives_meanwhile(iface: str, keys: list[str]) -> None:
+        def arrives_meanwhile(iface: str, keys: Sequence[str]) -> None:
             if back in keys:
                 self.applier.submit("ffmuc_welt", back)
             remove(iface, keys)

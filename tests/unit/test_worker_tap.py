@@ -6,12 +6,9 @@ import os
 import sys
 import tempfile
 
-from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
-from wgkex.reactor import as_reactor
+from tests.support.reactors import ThreadedMemoryReactor
 from wgkex.worker import tap
 
 
@@ -75,13 +72,8 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_given_reactor_used(self) -> None:
         """makeService(options, reactor) builds on that reactor, not the global one."""
-        reactor = _ThreadedMemoryReactor()
-        status = tap.makeService(self.options(), as_reactor(reactor)).getServiceNamed("status-http")  # type: ignore[attr-defined]
+        reactor = ThreadedMemoryReactor()
+        status = tap.makeService(self.options(), reactor).getServiceNamed("status-http")  # type: ignore[attr-defined]
         status.startService()
         self.addCleanup(status.stopService)
         self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers], [(9101, "127.0.0.1")])
-
-
-@implementer(IReactorThreads)
-class _ThreadedMemoryReactor(MemoryReactorClock):
-    """A memory reactor that claims threads too (the worker's reactor type asks for them)."""
