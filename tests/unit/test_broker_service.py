@@ -118,9 +118,12 @@ class TreeTests(SynchronousTestCase):
         [(port, _, _, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (5001, "::1"))
 
-    def test_stop_stops_listening_first(self) -> None:
-        """Stopping closes the listener before the MQTT service is stopped."""
-        broker, reactor = self.build()
+    def started_with_stops_recorded(self, closing: Deferred[None] | None = None) -> tuple[Broker, list[str]]:
+        """A started broker whose listener and MQTT service note in a list when they are told to stop.
+
+        With ``closing``, the listener's stop returns that Deferred instead of stopping.
+        """
+        broker, _ = self.build()
         broker.service.privilegedStartService()
         broker.service.startService()
         order: list[str] = []
@@ -130,7 +133,7 @@ class TreeTests(SynchronousTestCase):
 
         def stop_http() -> object:
             order.append("http")
-            return original_http()
+            return original_http() if closing is None else closing
 
         def stop_mqtt() -> object:
             order.append("mqtt")
@@ -138,9 +141,24 @@ class TreeTests(SynchronousTestCase):
 
         listener.stopService = stop_http
         mqtt.stopService = stop_mqtt
+        return broker, order
+
+    def test_stop_stops_listening_first(self) -> None:
+        """Stopping closes the listener before the MQTT service is stopped."""
+        broker, order = self.started_with_stops_recorded()
         broker.service.stopService()
         self.assertEqual(order, ["http", "mqtt"])
         self.assertFalse(any(s.running for s in broker.service))
+
+    def test_mqtt_stops_only_after_the_listener_has_stopped(self) -> None:
+        """While the listener is still closing, MQTT is not yet told to stop (the tree stops one child after another)."""
+        closing: Deferred[None] = Deferred()
+        broker, order = self.started_with_stops_recorded(closing)
+        stopped = broker.service.stopService()
+        self.assertEqual(order, ["http"])
+        closing.callback(None)
+        self.assertEqual(order, ["http", "mqtt"])
+        self.successResultOf(stopped)
 
     def test_port_in_use_is_one_line_exit(self) -> None:
         """A port that cannot be bound ends the start with exit 1 and one line naming file and key, before MQTT starts."""

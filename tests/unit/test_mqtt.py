@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import paho.mqtt.client as paho
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.mqtt_wire import remaining_length, str16
+from tests.support.reactors import ThreadedMemoryReactor
 from wgkex.config import MqttConfig
 from wgkex.mqtt import Backoff, MqttService, MqttStopped, QueueFull, TopicFilter, Will, describe_server
 from wgkex.mqtt.outbox import WINDOW
@@ -195,13 +195,6 @@ class FakeServer:
 # -- the other edges -------------------------------------------------------------------------
 
 
-class ThreadlessReactor(MemoryReactorClock):
-    """A MemoryReactorClock whose thread hand-off is a plain call (the pool is synchronous)."""
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        f(*args, **kw)
-
-
 class SyncThreadPool:
     """A thread pool that runs its work at once, on the calling thread, and counts it."""
 
@@ -263,7 +256,7 @@ class _Service(MqttService):
 
 class MqttTestCase(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = ThreadlessReactor()
+        self.reactor = ThreadedMemoryReactor()
         self.pool = SyncThreadPool()
         self.server = FakeServer(self)
         self.server.listen()

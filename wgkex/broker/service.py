@@ -1,7 +1,8 @@
 """The broker's service tree, built from the configuration by :func:`build_broker`.
 
-The tree is one ``MultiService`` whose children start in this order and stop in
-the reverse one:
+The tree is one :class:`~wgkex.services.OrderedMultiService` (as the worker's):
+its children start in this order and stop in the reverse one, each only after
+the one after it has stopped:
 
 - ``logging``: applies ``log_level`` / ``logging_config``;
 - ``keylists``: reads the key block/allow lists, re-reads them on SIGHUP;
@@ -17,7 +18,8 @@ Nothing is opened while the tree is built (twistd forks afterwards). The
 listener binds in ``privilegedStartService``, which runs on the whole tree
 before any ``startService``: a port that cannot be bound stops the process with
 one line before MQTT connects. On stop the listener goes first (it was added
-last), so no new request arrives while MQTT flushes what was queued (bounded).
+last), so no new request arrives while MQTT flushes what was queued (bounded),
+and logging goes last, so that what the others log while stopping is kept.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
-from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorTime
 
 from wgkex.broker.api import BrokerApi
@@ -42,6 +43,7 @@ from wgkex.logs import LoggingService
 from wgkex.mqtt import MqttService
 from wgkex.mqtt.spool import Spool
 from wgkex.reactor import IReactor
+from wgkex.services import OrderedMultiService
 from wgkex.sigterm import CleanSigterm
 
 __all__ = ["Broker", "build_broker", "too_large_counter", "with_backlog"]
@@ -53,7 +55,7 @@ _ENDPOINTS = {b"/api/v1/wg/key/exchange": "v1", b"/api/v2/wg/key/exchange": "v2"
 class Broker:
     """One broker: the service tree twistd runs, and the parts tests and tools look at."""
 
-    service: MultiService
+    service: OrderedMultiService
     mqtt: MqttService
     picture: WorkerPicture
     tracker: WorkerTracker
@@ -124,7 +126,7 @@ def build_broker(
     metrics.watch_connections(site)
     listener = ListenService(reactor, with_backlog(b.listen, b.backlog), site, config.path, "broker_listen")
 
-    tree = MultiService()
+    tree = OrderedMultiService()
     LoggingService(config.log_level, config.logging_config, config_path=config.path).setServiceParent(tree)
     KeyListService(lists, reactor).setServiceParent(tree)
     mqtt.setServiceParent(tree)

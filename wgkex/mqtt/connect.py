@@ -25,6 +25,7 @@ from twisted.python.threadpool import ThreadPool
 
 from wgkex.mqtt.backoff import Backoff
 from wgkex.mqtt.servers import ServerList
+from wgkex.reactor import IReactor
 
 #: ``opened(client, sock)``: an attempt opened a socket and queued CONNECT.
 Opened = Callable[[paho.Client, Any], None]
@@ -37,7 +38,7 @@ class Connector:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         servers: ServerList,
         backoff: Backoff,
         keepalive: int,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as paho
 from twisted.internet.defer import Deferred
@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wgkex.mqtt.outbox import fire
+from wgkex.reactor import IReactor
 
 #: Packets read in one go while they keep coming (paho reads one per
 #: ``loop_read``). Saves a reactor turn per message in a burst of thousands,
@@ -32,16 +33,6 @@ from wgkex.mqtt.outbox import fire
 READ_BURST = 100
 #: Bytes asked of the socket per read (paho itself would read a packet in pieces).
 READ_BUFFER = 65536
-
-
-class DescriptorReactor(Protocol):
-    """What the socket needs of its reactor: file descriptors and a timer."""
-
-    def callLater(self, delay: float, f: Callable[..., Any], /, *args: Any, **kw: Any) -> IDelayedCall: ...
-    def addReader(self, reader: Any) -> None: ...
-    def removeReader(self, reader: Any) -> None: ...
-    def addWriter(self, writer: Any) -> None: ...
-    def removeWriter(self, writer: Any) -> None: ...
 
 
 class BufferedSocket:
@@ -144,7 +135,7 @@ class ReactorSocket:
     log = Logger()
 
     def __init__(
-        self, reactor: DescriptorReactor, name: str, after_io: Callable[[], None], lost: Callable[[str], None]
+        self, reactor: IReactor, name: str, after_io: Callable[[], None], lost: Callable[[str], None]
     ) -> None:
         self._reactor = reactor
         self.name = name

@@ -27,7 +27,7 @@ published again on the next start, and the stop logs one line saying how many.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
@@ -45,9 +45,10 @@ from wgkex.mqtt.client import Will, make_client
 from wgkex.mqtt.connect import Connector
 from wgkex.mqtt.filters import Subscriptions
 from wgkex.mqtt.outbox import Outbox, Publish
-from wgkex.mqtt.paho_socket import DescriptorReactor, ReactorSocket
+from wgkex.mqtt.paho_socket import ReactorSocket
 from wgkex.mqtt.servers import ServerList, describe_server, disconnect_reason
 from wgkex.mqtt.spool import Spool, SpoolError
+from wgkex.reactor import IReactor
 
 #: How long ``stopService`` waits for outstanding acknowledgements, seconds.
 STOP_TIMEOUT = 5.0
@@ -58,13 +59,6 @@ MISC_INTERVAL = 1.0
 _CALLBACKS = ("on_connect", "on_disconnect", "on_message", "on_publish")
 
 
-class MqttReactor(DescriptorReactor, Protocol):
-    """What the service needs of its reactor: time, file descriptors, the thread hand-off."""
-
-    def seconds(self) -> float: ...
-    def callFromThread(self, f: Callable[..., Any], /, *args: Any, **kw: Any) -> None: ...
-
-
 class MqttService(Service):
     """One MQTT connection, kept up for as long as the service runs. See the module docstring."""
 
@@ -72,7 +66,7 @@ class MqttService(Service):
 
     def __init__(
         self,
-        reactor: MqttReactor,
+        reactor: IReactor,
         settings: MqttConfig,
         *,
         client_id: str | None = None,
@@ -167,7 +161,7 @@ class MqttService(Service):
         self._io.follow(client, lambda: self.connector.attempting)
         self._client = client
         self._misc = LoopingCall(self._loop_misc)
-        self._misc.clock = self._reactor  # type: ignore[assignment]
+        self._misc.clock = self._reactor
         self._misc.start(MISC_INTERVAL, now=False)
         self.connector.start(client)
 
