@@ -2,7 +2,7 @@
 
 Run as root: ``.venv/bin/python bench/apply.py [--keys 2000,10000]``. For each
 count N it makes a fresh network namespace with a real wireguard-go ``wg-b``
-(in a private mount namespace, socket bind-mounted to a temporary directory)
+(in a private mount namespace, as the lab runs it: :mod:`wgkex.lab.wggo`)
 and a VXLAN ``vx-b`` on top, then does what the worker's pool does with one
 batch of N new keys: ``add_peers`` (one UAPI transaction), ``replace_routes``
 and ``append_fdb`` (batched rtnetlink), timing each stage. It then repeats the
@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,61 +33,54 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from wgkex.keys import lladdr  # noqa: E402
+from wgkex.lab.netns import Namespace, add_vxlan, fdb_entries, routes  # noqa: E402
+from wgkex.lab.wggo import WireGuardGo, genkey  # noqa: E402
 from wgkex.worker.rtnl import PyrouteRtnl  # noqa: E402
 from wgkex.worker.wg_uapi import UapiWireGuard  # noqa: E402
 
 WG, VX = "wg-b", "vx-b"
 
 
-def run(*argv: str, stdin: str | None = None) -> str:
-    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=True, timeout=30).stdout
+def run(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 class Lab:
-    """One namespace with wireguard-go's wg-b (fe80::1) and vx-b on top."""
+    """One namespace with wireguard-go's wg-b and vx-b on top, built from the lab's parts (wgkex.lab)."""
 
     def __init__(self) -> None:
-        self.netns = f"wgkx-bench-{uuid.uuid4().hex[:8]}"
-        self.socket_dir = tempfile.mkdtemp(prefix="wgkex-bench-")
-        self.daemon: subprocess.Popen[bytes] | None = None
+        self.dir = tempfile.mkdtemp(prefix="wgkex-bench-")
+        self.ns: Namespace | None = None
+        self.wg: WireGuardGo | None = None
+
+    @property
+    def netns(self) -> str:
+        assert self.ns is not None
+        return self.ns.name
+
+    @property
+    def socket_dir(self) -> str:
+        """wireguard-go's private socket directory, as this process reaches it."""
+        assert self.wg is not None
+        return self.wg.socket_dir
 
     def __enter__(self) -> Lab:
-        run("ip", "netns", "add", self.netns)
-        script = (
-            "mount -t tmpfs wgkex /run && mkdir /run/wireguard"
-            f" && mount --bind {self.socket_dir} /run/wireguard && exec wireguard-go -f {WG}"
-        )
-        self.daemon = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation", "private", "sh", "-c", script],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        socket_path = os.path.join(self.socket_dir, f"{WG}.sock")
-        deadline = time.monotonic() + 10
-        while not os.path.exists(socket_path):
-            if time.monotonic() > deadline or self.daemon.poll() is not None:
-                raise RuntimeError("wireguard-go did not come up")
-            time.sleep(0.01)
-        key = run("wg", "genkey")
-        run("nsenter", "-t", str(self.daemon.pid), "-m", "-n", "wg", "set", WG, "listen-port", "51820",
-            "private-key", "/dev/stdin", stdin=key)
-        run("ip", "-n", self.netns, "address", "add", "fe80::1/64", "dev", WG)
-        run("ip", "-n", self.netns, "link", "set", WG, "up")
-        run("ip", "-n", self.netns, "link", "add", VX, "type", "vxlan", "id", "1", "dstport", "8472",
-            "local", "fe80::1", "dev", WG)
-        run("ip", "-n", self.netns, "link", "set", VX, "up")
+        try:
+            self.ns = Namespace.create(f"wgkx-bench-{uuid.uuid4().hex[:8]}")
+            self.wg = WireGuardGo.start(self.ns, WG, os.path.join(self.dir, "wireguard-go.log"))
+            public_key = self.wg.configure(genkey(), listen_port=51820)
+            add_vxlan(self.ns, VX, vni=1, local=lladdr(public_key), dev=WG)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait(10)
-        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=30)
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self.wg is not None:
+            self.wg.stop()
+        if self.ns is not None:
+            self.ns.delete()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def timed(function: Callable[[], Any]) -> tuple[float, Any]:
@@ -139,8 +131,9 @@ def bench(count: int) -> dict[str, Any]:
             t_dump, dumped = timed(lambda: wireguard.peers(WG))
             assert len(dumped) == count, len(dumped)
             out["peer_dump_uapi"] = stage(t_dump, count)
-            routes_seen = int(run("sh", "-c", f"ip -n {lab.netns} -6 route show dev {WG} | grep -vc / || true"))
-            fdb_seen = int(run("sh", "-c", f"ip netns exec {lab.netns} bridge fdb show dev {VX} | grep -c ' dst ' || true"))
+            assert lab.ns is not None
+            routes_seen = sum(1 for dst in routes(lab.ns, WG) if dst.endswith("/128"))
+            fdb_seen = sum(1 for entry in fdb_entries(lab.ns, VX) if "dst" in entry)
             assert routes_seen == count and fdb_seen == count, (routes_seen, fdb_seen)
 
             t_rm_peers, _ = timed(lambda: wireguard.remove_peers(WG, keys))

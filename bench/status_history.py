@@ -62,8 +62,8 @@ def main() -> None:
         for i in range(args.rate):
             count += 1
             reason = outcomes[count % len(outcomes)]
-            domain = None if reason == "bad_domain" else domains[count % len(domains)]
-            history.registration(domain, reason)
+            registered = None if reason == "bad_domain" else domains[count % len(domains)]
+            history.registration(registered, reason)
         if second % 60 == 0:
             for g, gw in enumerate(gateways):
                 for domain in domains:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ctypes
 import hashlib
 import http.client
 import json
@@ -51,17 +50,17 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.support.mqtt_wire import remaining_length, str16  # noqa: E402
+from tests.support.netns_relay import setns  # noqa: E402
 from wgkex.keys import lladdr  # noqa: E402
 from wgkex.lab.configs import write_config  # noqa: E402
 from wgkex.lab.gateway import twistd  # noqa: E402
 from wgkex.lab.mosquitto import Mosquitto  # noqa: E402
-from wgkex.lab.netns import Namespace, add_vxlan  # noqa: E402
+from wgkex.lab.netns import Namespace, add_vxlan, fdb_entries, routes  # noqa: E402
 from wgkex.lab.proc import Proc, spawn, wait_until  # noqa: E402
 from wgkex.lab.wggo import WireGuardGo, genkey  # noqa: E402
 
@@ -69,13 +68,20 @@ DOMAIN = "ffbench_x"
 WG, VX = "wg-x", "vx-x"
 STATUS_PORT = 9101
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def bench_keys(count: int, seed: str) -> list[str]:
     """``count`` distinct valid public keys (canonical base64 of 32 bytes)."""
     return [base64.b64encode(hashlib.sha256(f"{seed} {i}".encode()).digest()).decode() for i in range(count)]
+
+
+def file_tail(path: str, lines: int = 30) -> str:
+    """The last ``lines`` lines of the text file at ``path`` ("" if it cannot be read)."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def connect_in_netns(netns: str, address: tuple[str, int], timeout: float = 5.0) -> socket.socket:
@@ -89,9 +95,7 @@ def connect_in_netns(netns: str, address: tuple[str, int], timeout: float = 5.0)
     def work() -> None:
         target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
         try:
-            if _libc.setns(target, _CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            setns(target)
             result["sock"] = socket.create_connection(address, timeout)
         except BaseException as e:  # handed to the caller
             result["error"] = e
@@ -318,11 +322,7 @@ class BenchGateway:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(os.path.join(self.dir, "worker.log"), errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(os.path.join(self.dir, "worker.log"), lines)
 
     def kernel_counts(self) -> dict[str, int]:
         """Peers (UAPI get=1), /128 routes on wg-x and FDB destinations on vx-x, counted in the kernel."""
@@ -337,13 +337,9 @@ class BenchGateway:
                     break
                 reply += chunk
         peers = reply.count(b"\npublic_key=")
-        route_out = subprocess.run(["ip", "-n", self.ns.name, "-6", "route", "show", "dev", WG],
-                                   capture_output=True, text=True, check=True).stdout
-        routes = sum(1 for line in route_out.splitlines() if line and "/" not in line.split()[0])
-        fdb_out = subprocess.run(["bridge", "-n", self.ns.name, "fdb", "show", "dev", VX],
-                                 capture_output=True, text=True, check=True).stdout
-        fdb = sum(1 for line in fdb_out.splitlines() if line.startswith("00:00:00:00:00:00 dst "))
-        return {"peers": peers, "routes": routes, "fdb": fdb}
+        host_routes = sum(1 for dst in routes(self.ns, WG) if dst.endswith("/128"))
+        fdb = sum(1 for e in fdb_entries(self.ns, VX) if e.get("mac") == "00:00:00:00:00:00" and "dst" in e)
+        return {"peers": peers, "routes": host_routes, "fdb": fdb}
 
     def pids(self) -> dict[str, int]:
         assert self.worker is not None and self.wg is not None and self.mqtt is not None

@@ -56,7 +56,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from worker_burst import StatusClient, cpu_seconds  # noqa: E402
+from worker_burst import StatusClient, cpu_seconds, file_tail  # noqa: E402
 
 DOMAIN = "ffbench_x"
 WG, VX = "wg-x", "vx-x"
@@ -342,11 +342,7 @@ class Bench:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(os.path.join(self.dir, "worker.log"), errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(os.path.join(self.dir, "worker.log"), lines)
 
     def measure(self) -> dict[str, Any]:
         assert self.status is not None and self.ns is not None and self.counter is not None
