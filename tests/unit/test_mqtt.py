@@ -29,7 +29,8 @@ from tests.support.reactors import ThreadedMemoryReactor
 from wgkex.config import MqttConfig
 from wgkex.mqtt import Backoff, MqttService, MqttStopped, QueueFull, TopicFilter, Will, describe_server
 from wgkex.mqtt.outbox import WINDOW
-from wgkex.mqtt.paho_socket import READ_BUFFER, READ_BURST, BufferedSocket
+from wgkex.mqtt.buffered_socket import READ_BUFFER, BufferedSocket
+from wgkex.mqtt.paho_socket import READ_BURST
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
 

@@ -11,7 +11,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from wgkex.config import MqttConfig
 from wgkex.mqtt.outbox import WINDOW
-from wgkex.mqtt.paho_socket import BufferedSocket
+from wgkex.mqtt.buffered_socket import BufferedSocket
 
 #: Timeout of the blocking TCP connect and TLS handshake, seconds.
 CONNECT_TIMEOUT = 5.0
@@ -28,7 +28,7 @@ class Will:
 
 
 class _BufferedClient(paho.Client):
-    """paho's client, reading through :class:`~wgkex.mqtt.paho_socket.BufferedSocket`.
+    """paho's client, reading through :class:`~wgkex.mqtt.buffered_socket.BufferedSocket`.
 
     Paho offers no public way to wrap the socket that ``reconnect()`` opens (the
     ``on_socket_open`` callback only reports it), so this overrides paho 2.x's

@@ -6,7 +6,8 @@ socket it registers a descriptor with the reactor, follows paho's
 ``on_socket_register_write`` / ``on_socket_unregister_write`` requests, and
 after every bout of I/O tells its owner (who then fires acknowledged publishes
 and refills the window). Paho reads one packet per ``loop_read`` in three or
-more ``recv`` calls; a read buffer under paho (:class:`BufferedSocket`) and up to
+more ``recv`` calls; a read buffer under paho
+(:class:`~wgkex.mqtt.buffered_socket.BufferedSocket`) and up to
 :data:`READ_BURST` packets per reactor turn make a burst of thousands of QoS 1
 messages cost about 20 µs of CPU each (32 µs before).
 """
@@ -31,58 +32,6 @@ from wgkex.reactor import IReactor
 #: ``loop_read``). Saves a reactor turn per message in a burst of thousands,
 #: and bounded so that timers and HTTP still get their turn meanwhile.
 READ_BURST = 100
-#: Bytes asked of the socket per read (paho itself would read a packet in pieces).
-READ_BUFFER = 65536
-
-
-class BufferedSocket:
-    """Paho's socket with a read buffer: one ``recv`` of up to 64 KiB serves many packets.
-
-    Paho reads every packet with at least three ``recv`` calls (type, length,
-    body). Each releases the GIL, and a thread that releases and retakes it
-    that often starves the worker's pool threads (CPython wakes a waiting
-    thread on every release but hands it the GIL only after a whole switch
-    interval without one): a 20,000-key burst read unbuffered kept the first
-    batch waiting for the GIL for 130 ms. Buffered bytes count as
-    :meth:`pending`, like those inside an SSL object, so :meth:`ReactorSocket.read`
-    drains them. Everything else goes to the wrapped socket.
-    """
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._buffer = b""
-        self._inner_pending = getattr(sock, "pending", None)
-
-    def recv(self, size: int) -> bytes:
-        if not self._buffer:
-            data: bytes = self._sock.recv(max(size, READ_BUFFER))
-            if len(data) <= size:
-                return data
-            self._buffer = data
-        chunk, self._buffer = self._buffer[:size], self._buffer[size:]
-        return chunk
-
-    def pending(self) -> int:
-        inner = self._inner_pending() if self._inner_pending is not None else 0
-        return len(self._buffer) + inner
-
-    def send(self, data: bytes) -> int:
-        sent: int = self._sock.send(data)
-        return sent
-
-    def fileno(self) -> int:
-        fileno: int = self._sock.fileno()
-        return fileno
-
-    def setblocking(self, flag: bool) -> None:
-        self._sock.setblocking(flag)
-
-    def close(self) -> None:
-        self._buffer = b""
-        self._sock.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 def _tcp_socket(sock: Any) -> Any:
