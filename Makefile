@@ -14,6 +14,10 @@ TRIAL_JOBS ?= 2
 HEAVY_TESTS := tests.cluster tests.kernel
 MAIN_TESTS = $(filter-out $(HEAVY_TESTS) tests.support,$(subst /,.,$(patsubst %/__init__.py,%,$(wildcard tests/*/__init__.py))))
 
+# What mypy (strict, setup.cfg) checks. bench/sweep_latency.py joins once its two
+# type errors are fixed (it reuses a loop variable with another type).
+TYPED = wgkex tests $(filter-out bench/sweep_latency.py,$(wildcard bench/*.py))
+
 .PHONY: all deps venv test test-tools browser unit demo lab-up lab-down lab-status bench typecheck clean
 
 all: test
@@ -46,7 +50,7 @@ venv: $(VENV)/.installed
 # 60 MB; a minute here).
 test: APT_PACKAGES += rabbitmq-server
 test: deps venv test-tools
-	$(BIN)/mypy wgkex tests
+	$(BIN)/mypy $(TYPED)
 	$(BIN)/trial --jobs=$(TRIAL_JOBS) $(MAIN_TESTS)
 	$(BIN)/trial --temp-directory=_trial_temp.heavy $(HEAVY_TESTS)
 
@@ -92,7 +96,7 @@ bench: deps venv
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 typecheck: venv
-	$(BIN)/mypy wgkex tests
+	$(BIN)/mypy $(TYPED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* twisted/plugins/dropin.cache .cache
