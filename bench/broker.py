@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from tests.support.measure import cpu_seconds, percentile  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port, wait_for  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -112,18 +113,6 @@ async def burst(port: int, requests: list[bytes], concurrency: int) -> tuple[lis
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return latencies, statuses, time.perf_counter() - start
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(api: str, args: argparse.Namespace, http_port: int, sub: Subscriber, salt: int,

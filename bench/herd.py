@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.support.cluster_lab import ClusterLab, installed_keys  # noqa: E402
+from tests.support.measure import percentile  # noqa: E402
 from wgkex.lab.gateway import Gateway  # noqa: E402
 from wgkex.lab.lab import DOMAIN, Lab  # noqa: E402
 
@@ -91,11 +92,6 @@ async def herd(ports: list[int], keys: list[str], concurrency: int) -> tuple[dic
 
     await asyncio.gather(*(router() for _ in range(concurrency)))
     return answers, latencies
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
 
 
 def cpu_by_program() -> dict[str, float]:

@@ -36,26 +36,24 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import http.client
 import json
 import os
 import platform
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.support.mqtt_wire import remaining_length, str16  # noqa: E402
-from tests.support.netns_relay import setns  # noqa: E402
+from tests.support.measure import cpu_seconds  # noqa: E402
+from tests.support.mqtt_wire import RawPublisher  # noqa: E402
+from tests.support.worker_probe import StatusClient, file_tail  # noqa: E402
 from wgkex.keys import lladdr  # noqa: E402
 from wgkex.lab.configs import write_config  # noqa: E402
 from wgkex.lab.gateway import twistd  # noqa: E402
@@ -75,164 +73,7 @@ def bench_keys(count: int, seed: str) -> list[str]:
     return [base64.b64encode(hashlib.sha256(f"{seed} {i}".encode()).digest()).decode() for i in range(count)]
 
 
-def file_tail(path: str, lines: int = 30) -> str:
-    """The last ``lines`` lines of the text file at ``path`` ("" if it cannot be read)."""
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def connect_in_netns(netns: str, address: tuple[str, int], timeout: float = 5.0) -> socket.socket:
-    """A TCP connection made inside network namespace ``netns`` (the socket keeps that namespace).
-
-    A helper thread switches itself (only itself) into the namespace with
-    ``setns``, connects and ends; the socket is then used from anywhere.
-    """
-    result: dict[str, Any] = {}
-
-    def work() -> None:
-        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        try:
-            setns(target)
-            result["sock"] = socket.create_connection(address, timeout)
-        except BaseException as e:  # handed to the caller
-            result["error"] = e
-        finally:
-            os.close(target)
-
-    thread = threading.Thread(target=work, name=f"connect-in-{netns}")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    sock: socket.socket = result["sock"]
-    return sock
-
-
-class StatusClient:
-    """GETs on the worker's status listener inside the namespace, over one keep-alive connection."""
-
-    def __init__(self, netns: str, port: int = STATUS_PORT) -> None:
-        self.netns = netns
-        self.port = port
-        self._conn: http.client.HTTPConnection | None = None
-
-    def get(self, path: str) -> bytes:
-        for attempt in (1, 2):
-            if self._conn is None:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.sock = connect_in_netns(self.netns, ("127.0.0.1", self.port))
-                self._conn = conn
-            try:
-                self._conn.request("GET", path)
-                response = self._conn.getresponse()
-                body = response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"GET {path}: HTTP {response.status}")
-                return body
-            except (OSError, http.client.HTTPException):
-                self.close()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics as ``{'name{labels}': value}``."""
-        out: dict[str, float] = {}
-        for line in self.get("/metrics").decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                try:
-                    out[name] = float(value)
-                except ValueError:
-                    pass
-        return out
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-# -- a minimal MQTT 3.1.1 publisher -------------------------------------------------------------
-
-
-
-
-class RawPublisher:
-    """Publishes pre-encoded QoS 1 messages over one TCP connection and counts the PUBACKs.
-
-    Written for the benchmark: all PUBLISH packets go out in large writes while
-    a reader thread counts acknowledgements, so the publisher is never what
-    limits the rate.
-    """
-
-    def __init__(self, host: str, port: int, client_id: str) -> None:
-        self.sock = socket.create_connection((host, port), timeout=30)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        body = str16(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + str16(client_id.encode())
-        self.sock.sendall(b"\x10" + remaining_length(len(body)) + body)
-        connack = self._read_exact(4)
-        if connack[0] != 0x20 or connack[3] != 0:
-            raise RuntimeError(f"MQTT CONNACK refused: {connack!r}")
-        self.acked = 0
-        self.all_acked = threading.Event()
-        self._expected = 0
-
-    def _read_exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise RuntimeError("mosquitto closed the publisher's connection")
-            data += chunk
-        return data
-
-    def _count_acks(self) -> None:
-        buffer = b""
-        while self.acked < self._expected:
-            chunk = self.sock.recv(1 << 16)
-            if not chunk:
-                return
-            buffer += chunk
-            usable = len(buffer) - len(buffer) % 4  # PUBACK: 0x40 0x02 id id
-            self.acked += usable // 4
-            buffer = buffer[usable:]
-        self.all_acked.set()
-
-    def publish_all(self, topic: str, payloads: list[bytes]) -> float:
-        """Send every payload at QoS 1; returns when all are written (acks are counted in a thread)."""
-        encoded_topic = str16(topic.encode())
-        packets = []
-        for i, payload in enumerate(payloads):
-            body = encoded_topic + struct.pack("!H", i % 65535 + 1) + payload
-            packets.append(b"\x32" + remaining_length(len(body)) + body)
-        self._expected = len(packets)
-        reader = threading.Thread(target=self._count_acks, name="pubacks", daemon=True)
-        reader.start()
-        started = time.monotonic()
-        for start in range(0, len(packets), 500):
-            self.sock.sendall(b"".join(packets[start : start + 500]))
-        return started
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(b"\xe0\x00")
-        except OSError:
-            pass
-        self.sock.close()
-
-
 # -- the gateway --------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class BenchGateway:
@@ -292,7 +133,7 @@ class BenchGateway:
         config = write_config(os.path.join(self.dir, "worker.yaml"), data)
         argv = self.wg.enter_argv([twistd(), "-n", "--pidfile=", "wgkex-worker", "--config", config])
         self.worker = spawn(f"worker {self.name}", argv, os.path.join(self.dir, "worker.log"))
-        self.status = StatusClient(self.ns.name)
+        self.status = StatusClient(self.ns.name, STATUS_PORT)
         status = self.status
 
         def online() -> bool:

@@ -4,8 +4,7 @@ Run as root: ``.venv/bin/python bench/worker_reactor.py [--peers 100000] [--dura
 
 wireguard-go refuses more than 65,536 peers per interface (``MaxPeers``: the
 65,537th ``set=1`` fails and it drops the connection), so the WireGuard side is
-a **fake UAPI daemon in a separate process** (this file run with
-``--serve-uapi``): it answers ``get=1`` exactly as wireguard-go formats it
+a **fake UAPI daemon in a separate process** (:mod:`tests.support.fake_uapi`): it answers ``get=1`` exactly as wireguard-go formats it
 (``private_key``, ``listen_port``, then per peer ``public_key``,
 ``preshared_key``, ``protocol_version``, ``endpoint``, handshake seconds and
 nanoseconds, byte counters, keepalive, ``allowed_ip``: about 390 bytes per
@@ -36,12 +35,9 @@ took, the worker's CPU time.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import os
 import platform
-import random
 import shutil
 import signal
 import socket
@@ -54,129 +50,15 @@ import uuid
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from worker_burst import StatusClient, cpu_seconds, file_tail  # noqa: E402
+from tests.support import fake_uapi  # noqa: E402
+from tests.support.fake_uapi import peer_key  # noqa: E402
+from tests.support.measure import cpu_seconds, percentile  # noqa: E402
+from tests.support.worker_probe import StatusClient, file_tail  # noqa: E402
 
 DOMAIN = "ffbench_x"
 WG, VX = "wg-x", "vx-x"
 STATUS_PORT = 9101
-HOUR = 3600.0
-
-
-def peer_key(seed: str, n: int) -> str:
-    return base64.b64encode(hashlib.sha256(f"{seed} {n}".encode()).digest()).decode()
-
-
-# -- the fake UAPI daemon (a process of its own) ----------------------------------------------------
-
-
-class FakeDaemon:
-    """A userspace WireGuard daemon's UAPI for one interface with many peers, answering like wireguard-go."""
-
-    def __init__(self, seed: str, peers: int, stale_fraction: float) -> None:
-        from wgkex.keys import lladdr
-
-        self.lladdr = lladdr
-        self.seed = seed
-        self.rng = random.Random(seed)
-        self.private_key = hashlib.sha256(f"{seed} private".encode()).hexdigest()
-        # hex key -> (endpoint, allowed_ip, handshake age in seconds or None for never, tx, rx)
-        self.peers: dict[str, tuple[str, str, float | None, int, int]] = {}
-        self.next = 0
-        self.started = time.time()
-        for _ in range(peers):
-            self._add(self._age(stale_fraction))
-
-    def _age(self, stale_fraction: float) -> float | None:
-        x = self.rng.random()
-        if x < stale_fraction:
-            return self.rng.uniform(3 * HOUR + 60, 72 * HOUR)
-        if x < stale_fraction + 0.05:
-            return None
-        if x < stale_fraction + 0.05 + 0.24:
-            return self.rng.uniform(180, 3 * HOUR - 60)
-        return self.rng.uniform(0, 170)
-
-    def _add(self, age: float | None) -> None:
-        n = self.next
-        self.next += 1
-        key = peer_key(self.seed, n)
-        hexkey = base64.b64decode(key).hex()
-        endpoint = f"[2001:db8:{n >> 16:x}:{n & 0xFFFF:x}::1]:{1024 + n % 60000}"
-        tx = self.rng.randrange(1 << 30) if age is not None else 0
-        rx = self.rng.randrange(1 << 30) if age is not None else 0
-        self.peers[hexkey] = (endpoint, f"{self.lladdr(key)}/128", age, tx, rx)
-
-    def dump(self) -> bytes:
-        now = time.time()
-        parts = [f"private_key={self.private_key}\nlisten_port=51820\n"]
-        zero = "0" * 64
-        for hexkey, (endpoint, allowed, age, tx, rx) in self.peers.items():
-            if age is None:
-                sec, nsec, ep = 0, 0, ""
-            else:
-                when = now - age
-                sec, nsec, ep = int(when), int((when % 1) * 1e9), f"endpoint={endpoint}\n"
-            parts.append(
-                f"public_key={hexkey}\npreshared_key={zero}\nprotocol_version=1\n{ep}"
-                f"last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\n"
-                f"tx_bytes={tx}\nrx_bytes={rx}\npersistent_keepalive_interval=0\nallowed_ip={allowed}\n"
-            )
-        parts.append("errno=0\n\n")
-        return "".join(parts).encode()
-
-    def set(self, lines: list[str]) -> bytes:
-        removed = 0
-        current: str | None = None
-        for line in lines:
-            name, _, value = line.partition("=")
-            if name == "public_key":
-                current = value
-            elif name == "remove" and value == "true" and current is not None:
-                if self.peers.pop(current, None) is not None:
-                    removed += 1
-        # Steady state: as many routers leave (turn stale) as new ones come.
-        idle = [k for k, p in self.peers.items() if p[2] is not None and 180 <= p[2] < 3 * HOUR][:removed]
-        for hexkey in idle:
-            endpoint, allowed, _, tx, rx = self.peers[hexkey]
-            self.peers[hexkey] = (endpoint, allowed, 4 * HOUR, tx, rx)
-        for _ in range(removed):
-            self._add(self.rng.uniform(0, 170))
-        return b"errno=0\n\n"
-
-    def serve(self, path: str) -> None:
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(path)
-        server.listen(16)
-        lock = threading.Lock()
-
-        def handle(conn: socket.socket) -> None:
-            buffer = b""
-            with conn:
-                while True:
-                    while b"\n\n" not in buffer:
-                        chunk = conn.recv(1 << 16)
-                        if not chunk:
-                            return
-                        buffer += chunk
-                    request, _, buffer = buffer.partition(b"\n\n")
-                    lines = request.decode().split("\n")
-                    with lock:
-                        if lines[0] == "get=1":
-                            began = time.monotonic()
-                            reply = self.dump()
-                            # How long a dump holds the device (sets wait meanwhile, as in wireguard-go).
-                            print(f"get {time.time():.3f} {time.monotonic() - began:.4f}", file=sys.stderr, flush=True)
-                        elif lines[0] == "set=1":
-                            reply = self.set(lines[1:])
-                        else:
-                            reply = b"errno=-22\n\n"
-                    conn.sendall(reply)
-
-        while True:
-            conn, _ = server.accept()
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
 # -- the /healthz poller (a process of its own, inside the namespace) --------------------------------
@@ -216,11 +98,6 @@ def poll(address: str, duration: float, every: float) -> dict[str, Any]:
         if latencies[-1] > 20:
             slow.append((round(time.time() - latencies[-1] / 1000, 3), round(latencies[-1], 1)))
     return {"latencies_ms": latencies, "errors": errors, "slow": slow}
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 # -- the bench ---------------------------------------------------------------------------------------
@@ -270,7 +147,7 @@ class Bench:
 
         socket_path = os.path.join(self.dir, f"{WG}.sock")
         self.daemon = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve-uapi", socket_path, "--seed", self.seed,
+            [sys.executable, fake_uapi.__file__, socket_path, "--seed", self.seed,
              "--peers", str(args.peers), "--stale-fraction", str(args.stale_fraction)],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "fake-uapi.log"), "wb"),
         )
@@ -304,7 +181,7 @@ class Bench:
         config = write_config(os.path.join(self.dir, "worker.yaml"), data)
         argv = ns.exec_argv([twistd(), "-n", "--pidfile=", "wgkex-worker", "--config", config])
         self.worker = spawn(f"worker {self.name}", argv, os.path.join(self.dir, "worker.log"))
-        self.status = StatusClient(ns.name)
+        self.status = StatusClient(ns.name, STATUS_PORT)
         status = self.status
 
         def counted() -> bool:
@@ -426,13 +303,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of /healthz polling")
     parser.add_argument("--interval", type=float, default=1.0, help="metrics_interval and cleanup_interval, seconds")
     parser.add_argument("--stale-fraction", type=float, default=0.01)
-    parser.add_argument("--serve-uapi", metavar="SOCKET", help=argparse.SUPPRESS)
-    parser.add_argument("--seed", help=argparse.SUPPRESS)
     parser.add_argument("--poll", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_uapi:
-        FakeDaemon(args.seed, args.peers, args.stale_fraction).serve(args.serve_uapi)
-        return
     if args.poll:
         print(json.dumps(poll(args.poll, args.duration, 0.01)))
         return

@@ -1,0 +1,153 @@
+"""A fake userspace WireGuard daemon: wireguard-go's UAPI for one interface with many peers.
+
+wireguard-go refuses more than 65,536 peers per interface, so a benchmark of
+100,000 runs this instead, as a process of its own::
+
+    python tests/support/fake_uapi.py SOCKET --seed SEED --peers N --stale-fraction F
+
+It answers ``get=1`` exactly as wireguard-go formats it and applies ``set=1``
+removals; every removal of stale peers is balanced by as many new peers and as
+many peers turning stale (see :meth:`FakeDaemon.set`). The peers' keys are
+:func:`peer_key` ``(seed, n)``, so the benchmark knows them without asking. Each
+``get=1`` logs ``get <unix time> <seconds the dump took>`` to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import random
+import socket
+import sys
+import threading
+import time
+
+HOUR = 3600.0
+
+
+def peer_key(seed: str, n: int) -> str:
+    """The public key of the ``n``-th peer the daemon made from ``seed``."""
+    return base64.b64encode(hashlib.sha256(f"{seed} {n}".encode()).digest()).decode()
+
+
+class FakeDaemon:
+    """A userspace WireGuard daemon's UAPI for one interface with many peers, answering like wireguard-go."""
+
+    def __init__(self, seed: str, peers: int, stale_fraction: float) -> None:
+        from wgkex.keys import lladdr
+
+        self.lladdr = lladdr
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.private_key = hashlib.sha256(f"{seed} private".encode()).hexdigest()
+        # hex key -> (endpoint, allowed_ip, handshake age in seconds or None for never, tx, rx)
+        self.peers: dict[str, tuple[str, str, float | None, int, int]] = {}
+        self.next = 0
+        self.started = time.time()
+        for _ in range(peers):
+            self._add(self._age(stale_fraction))
+
+    def _age(self, stale_fraction: float) -> float | None:
+        x = self.rng.random()
+        if x < stale_fraction:
+            return self.rng.uniform(3 * HOUR + 60, 72 * HOUR)
+        if x < stale_fraction + 0.05:
+            return None
+        if x < stale_fraction + 0.05 + 0.24:
+            return self.rng.uniform(180, 3 * HOUR - 60)
+        return self.rng.uniform(0, 170)
+
+    def _add(self, age: float | None) -> None:
+        n = self.next
+        self.next += 1
+        key = peer_key(self.seed, n)
+        hexkey = base64.b64decode(key).hex()
+        endpoint = f"[2001:db8:{n >> 16:x}:{n & 0xFFFF:x}::1]:{1024 + n % 60000}"
+        tx = self.rng.randrange(1 << 30) if age is not None else 0
+        rx = self.rng.randrange(1 << 30) if age is not None else 0
+        self.peers[hexkey] = (endpoint, f"{self.lladdr(key)}/128", age, tx, rx)
+
+    def dump(self) -> bytes:
+        now = time.time()
+        parts = [f"private_key={self.private_key}\nlisten_port=51820\n"]
+        zero = "0" * 64
+        for hexkey, (endpoint, allowed, age, tx, rx) in self.peers.items():
+            if age is None:
+                sec, nsec, ep = 0, 0, ""
+            else:
+                when = now - age
+                sec, nsec, ep = int(when), int((when % 1) * 1e9), f"endpoint={endpoint}\n"
+            parts.append(
+                f"public_key={hexkey}\npreshared_key={zero}\nprotocol_version=1\n{ep}"
+                f"last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\n"
+                f"tx_bytes={tx}\nrx_bytes={rx}\npersistent_keepalive_interval=0\nallowed_ip={allowed}\n"
+            )
+        parts.append("errno=0\n\n")
+        return "".join(parts).encode()
+
+    def set(self, lines: list[str]) -> bytes:
+        removed = 0
+        current: str | None = None
+        for line in lines:
+            name, _, value = line.partition("=")
+            if name == "public_key":
+                current = value
+            elif name == "remove" and value == "true" and current is not None:
+                if self.peers.pop(current, None) is not None:
+                    removed += 1
+        # Steady state: as many routers leave (turn stale) as new ones come.
+        idle = [k for k, p in self.peers.items() if p[2] is not None and 180 <= p[2] < 3 * HOUR][:removed]
+        for hexkey in idle:
+            endpoint, allowed, _, tx, rx = self.peers[hexkey]
+            self.peers[hexkey] = (endpoint, allowed, 4 * HOUR, tx, rx)
+        for _ in range(removed):
+            self._add(self.rng.uniform(0, 170))
+        return b"errno=0\n\n"
+
+    def serve(self, path: str) -> None:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(16)
+        lock = threading.Lock()
+
+        def handle(conn: socket.socket) -> None:
+            buffer = b""
+            with conn:
+                while True:
+                    while b"\n\n" not in buffer:
+                        chunk = conn.recv(1 << 16)
+                        if not chunk:
+                            return
+                        buffer += chunk
+                    request, _, buffer = buffer.partition(b"\n\n")
+                    lines = request.decode().split("\n")
+                    with lock:
+                        if lines[0] == "get=1":
+                            began = time.monotonic()
+                            reply = self.dump()
+                            # How long a dump holds the device (sets wait meanwhile, as in wireguard-go).
+                            print(f"get {time.time():.3f} {time.monotonic() - began:.4f}", file=sys.stderr, flush=True)
+                        elif lines[0] == "set=1":
+                            reply = self.set(lines[1:])
+                        else:
+                            reply = b"errno=-22\n\n"
+                    conn.sendall(reply)
+
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("socket", help="where to listen (a unix socket path)")
+    parser.add_argument("--seed", required=True)
+    parser.add_argument("--peers", type=int, required=True)
+    parser.add_argument("--stale-fraction", type=float, required=True)
+    args = parser.parse_args()
+    FakeDaemon(args.seed, args.peers, args.stale_fraction).serve(args.socket)
+
+
+if __name__ == "__main__":
+    main()
