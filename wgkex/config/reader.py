@@ -146,27 +146,26 @@ def as_bool(value: object) -> bool | None:
 
 def as_int(value: object) -> int | None:
     """``value`` as an integer (an int, or a string of one; never a boolean), or None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return None
-    return None
+    return _as_number(value, int, (int,))
 
 
 def as_float(value: object) -> float | None:
     """``value`` as a number (int, float, or a string of one; never a boolean), or None."""
+    return _as_number(value, float, (int, float))
+
+
+N = TypeVar("N", int, float)
+
+
+def _as_number(value: object, convert: Callable[[Any], N], kinds: tuple[type, ...]) -> N | None:
+    """``convert(value)`` for a value of ``kinds`` or a string of one, None otherwise (booleans too)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, kinds):
+        return convert(value)
     if isinstance(value, str):
         try:
-            return float(value.strip())
+            return convert(value.strip())
         except ValueError:
             return None
     return None
