@@ -78,6 +78,32 @@ def parse_config(
         raise ConfigError(path, "", f"must be a YAML mapping at the top level, got {describe(data)}")
     top = Reader(path, data)
 
+    domains, prefixes = _domains(top)
+    workers = _workers(top)
+
+    mqtt = read_mqtt(top)
+    broker = read_broker(top)
+    worker = read_worker(top, data, hostname())
+
+    logging_config = data.get("logging_config")
+    if logging_config is not None and not isinstance(logging_config, Mapping):
+        raise top.fail("logging_config", f"must be a logging dictConfig mapping, got {describe(logging_config)}")
+
+    return Config(
+        path=path,
+        domains=domains,
+        domain_prefixes=prefixes,
+        workers=workers,
+        mqtt=mqtt,
+        broker=broker,
+        worker=worker,
+        log_level=top.choice("log_level", "info", LOG_LEVELS),
+        logging_config=logging_config,
+    )
+
+
+def _domains(top: Reader) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``domains`` and ``domain_prefixes``: each domain usable as a topic level and in interface names."""
     domains = top.string_list("domains")
     if not domains:
         raise top.fail("domains", "must list at least one domain")
@@ -108,8 +134,12 @@ def parse_config(
                 f"interface name 'wg-{name}' for domain {domain!r} is longer than {IFNAMSIZ} bytes",
             )
         short[name] = domain
+    return domains, prefixes
 
-    workers_raw = data.get("workers") or {}
+
+def _workers(top: Reader) -> dict[str, int]:
+    """``workers``: name -> v2 weight (an entry without ``weight`` weighs 1)."""
+    workers_raw = top.data.get("workers") or {}
     if not isinstance(workers_raw, Mapping):
         raise top.fail("workers", f"must be a mapping of worker name to {{weight: N}}, got {describe(workers_raw)}")
     workers: dict[str, int] = {}
@@ -123,26 +153,7 @@ def parse_config(
         if not isinstance(entry, Mapping):
             raise workers_reader.fail(wname, f"must be a mapping like {{weight: 30}}, got {describe(entry)}")
         workers[wname] = workers_reader.section(wname).integer("weight", 1, 0)
-
-    mqtt = read_mqtt(top)
-    broker = read_broker(top)
-    worker = read_worker(top, data, hostname())
-
-    logging_config = data.get("logging_config")
-    if logging_config is not None and not isinstance(logging_config, Mapping):
-        raise top.fail("logging_config", f"must be a logging dictConfig mapping, got {describe(logging_config)}")
-
-    return Config(
-        path=path,
-        domains=domains,
-        domain_prefixes=prefixes,
-        workers=workers,
-        mqtt=mqtt,
-        broker=broker,
-        worker=worker,
-        log_level=top.choice("log_level", "info", LOG_LEVELS),
-        logging_config=logging_config,
-    )
+    return workers
 
 
 def config_path(option: str | None, environ: Mapping[str, str] = os.environ) -> str:
