@@ -13,8 +13,18 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
-#: ``callback(topic, payload, retained)`` for one message matching a subscription.
-MessageCallback = Callable[[str, bytes, bool], None]
+#: ``callback(topic, payload, retained)`` for one message matching a subscription. It returns
+#: None when it is done with the message, or a Deferred that fires when it is (a key once
+#: applied): only then is the message acknowledged to the MQTT server, which until then keeps
+#: it and delivers it again after a lost connection. A failure of that Deferred is logged and
+#: the message acknowledged all the same (a message that fails would fail again), except for
+#: :class:`Redeliver`.
+MessageCallback = Callable[[str, bytes, bool], "Deferred[None] | None"]
+
+
+class Redeliver(Exception):
+    """A message callback's Deferred fails with this to leave the message unacknowledged: the
+    MQTT server delivers it again after the next connect (the subscriber is stopping)."""
 
 
 class QueueFull(Exception):
@@ -44,7 +54,10 @@ class Bus(Protocol):
         ...
 
     def subscribe(self, topic_filter: str, qos: int, callback: MessageCallback) -> None:
-        """Call ``callback`` for every message matching ``topic_filter``, for as long as the bus lives."""
+        """Call ``callback`` for every message matching ``topic_filter``, for as long as the bus lives.
+
+        A QoS 1 message is acknowledged once the callback is done with it (see :data:`MessageCallback`).
+        """
         ...
 
     def add_connect_callback(self, cb: Callable[[], None]) -> None:

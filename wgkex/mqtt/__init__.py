@@ -10,11 +10,15 @@ built from a handful of pieces, each in its own module:
 - :mod:`~wgkex.mqtt.paho_socket`: paho's socket on the reactor (read, write, keepalive);
 - :mod:`~wgkex.mqtt.outbox`: the queue, in-flight window and acknowledgements of publishes;
 - :mod:`~wgkex.mqtt.filters`: topic filters and the subscriptions' dispatch;
+- :mod:`~wgkex.mqtt.acks`: received messages acknowledged once their subscribers are done;
 - :mod:`~wgkex.mqtt.client`: the paho client configured from ``mqtt:``.
 
 A key published by the broker goes ``MqttService.publish`` -> ``Outbox.publish``
 -> paho's ``publish`` -> ``ReactorSocket.write``; its PUBACK comes back through
 ``ReactorSocket.read`` -> ``Outbox.acknowledged`` and fires the publish's Deferred.
+A key received by the worker goes ``ReactorSocket.read`` -> ``MqttService._on_message``
+-> ``Subscriptions.dispatch`` -> ``KeyApplier.on_message``; its PUBACK waits in
+``Acknowledgements`` until the Deferred that returned has fired (the key is applied).
 """
 
 from wgkex.bus import MqttStopped, QueueFull

@@ -52,6 +52,8 @@ def make_client(settings: MqttConfig, client_id: str, clean_session: bool, will:
         protocol=MQTTProtocolVersion.MQTTv311,
         transport=settings.transport,  # type: ignore[arg-type]
         reconnect_on_failure=False,
+        # Received messages are acknowledged by the service once handled (wgkex.mqtt.acks).
+        manual_ack=True,
     )
     # Without this, one exception in any callback silently stops all reading.
     client.suppress_exceptions = True

@@ -3,14 +3,17 @@
 No paho here: :class:`TopicFilter` compiles a filter once and matches it per
 message (paho's ``topic_matches_sub`` builds a matcher tree on every call), and
 :class:`Subscriptions` hands a message to every callback whose filter matches,
-so that one callback raising never keeps the message from the next.
+so that one callback raising never keeps the message from the next, and says
+when all of them are done with it (the service acknowledges it then).
 """
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from wgkex.bus import MessageCallback
+from wgkex.bus import MessageCallback, Redeliver
 
 
 def check_topic(topic: str) -> None:
@@ -78,13 +81,20 @@ class Subscriptions:
             qos_by_filter[topic_filter.text] = max(qos, qos_by_filter.get(topic_filter.text, 0))
         return list(qos_by_filter.items())
 
-    def dispatch(self, topic: str, payload: bytes, retained: bool) -> None:
-        """Call every matching callback; one raising is logged with its topic, the rest still run."""
+    def dispatch(self, topic: str, payload: bytes, retained: bool) -> Deferred[bool] | None:
+        """Call every matching callback; one raising is logged with its topic, the rest still run.
+
+        Returns None when every callback is done with the message; otherwise a Deferred that
+        fires once the Deferreds they returned have: True to acknowledge the message, False when
+        one failed with :class:`~wgkex.bus.Redeliver`. Any other failure is logged and counts as
+        done, so a message that breaks a subscriber is not delivered to it over and over.
+        """
+        waits: list[Deferred[bool]] = []
         for topic_filter, _, callback in list(self._entries):
             if not topic_filter.matches(topic):
                 continue
             try:
-                callback(topic, payload, retained)
+                result = callback(topic, payload, retained)
             except Exception:
                 self.log.failure(
                     "MQTT message callback for topic {topic} failed (subscription {filter}); "
@@ -92,3 +102,23 @@ class Subscriptions:
                     topic=topic,
                     filter=topic_filter.text,
                 )
+                continue
+            if isinstance(result, Deferred):
+                waits.append(result.addCallbacks(lambda _: True, self._failed, errbackArgs=(topic, topic_filter.text)))
+        if not waits:
+            return None
+        if len(waits) == 1:
+            return waits[0]
+        return gatherResults(waits).addCallback(all)
+
+    def _failed(self, failure: Failure, topic: str, topic_filter: str) -> bool:
+        if failure.check(Redeliver):
+            return False
+        self.log.failure(
+            "MQTT message callback for topic {topic} failed later (subscription {filter}); "
+            "the message is acknowledged all the same",
+            failure,
+            topic=topic,
+            filter=topic_filter,
+        )
+        return True

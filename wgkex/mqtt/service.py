@@ -22,6 +22,11 @@ cutting the socket: with the server unreachable a stop ends within about 11 s.
 What is still unacknowledged then fails with :class:`~wgkex.bus.MqttStopped`;
 with a :class:`~wgkex.mqtt.spool.Spool` (the broker's) it stays there and is
 published again on the next start, and the stop logs one line saying how many.
+
+Received QoS 1 messages are acknowledged (PUBACK) once their subscribers are
+done with them, in arrival order (:mod:`~wgkex.mqtt.acks`): a callback that
+returns a Deferred holds the acknowledgement until it fires. What is not
+acknowledged when the connection ends, the server delivers again.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from twisted.python.threadpool import ThreadPool
 
 from wgkex.bus import MessageCallback, MqttStopped
 from wgkex.config import MqttConfig
+from wgkex.mqtt.acks import Acknowledgements
 from wgkex.mqtt.backoff import INITIAL_DELAY, Backoff
 from wgkex.mqtt.client import Will, make_client
 from wgkex.mqtt.connect import Connector
@@ -93,6 +99,8 @@ class MqttService(Service):
         #: Successful connects after the first.
         self.reconnects = 0
         self.subscriptions = Subscriptions()
+        #: Received messages waiting for their subscribers before they are acknowledged.
+        self.acks = Acknowledgements(self._acknowledge)
         self.outbox = Outbox(reactor, settings.queue_limit, describe_server(settings), spool=spool)
         self._io = ReactorSocket(reactor, name, self.outbox.settle, self._lost)
         self._connect_callbacks: list[Callable[[], None]] = []
@@ -250,6 +258,7 @@ class MqttService(Service):
         """The connection (or the attempt) is over: take back what is unacknowledged, retry."""
         was_connected, self._connected = self._connected, False
         self.outbox.close()
+        self.acks.forget()  # message ids of this connection; the server delivers those again
         if self._client is not None:
             # Unacknowledged publishes are the outbox's to re-send: paho must not re-send them too.
             self._client.drop_out_messages()
@@ -272,12 +281,23 @@ class MqttService(Service):
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         self._io.handled += 1
+        receipt = self.acks.received(message.mid, message.qos)
         try:
             topic = message.topic
         except UnicodeDecodeError:
             self.log.warn("MQTT message ignored: its topic is not UTF-8 (from {server})", server=self.server)
+            self.acks.settle(receipt)
             return
-        self.subscriptions.dispatch(topic, bytes(message.payload), bool(message.retain))
+        done = self.subscriptions.dispatch(topic, bytes(message.payload), bool(message.retain))
+        if done is None:
+            self.acks.settle(receipt)
+        else:
+            done.addCallback(lambda acknowledge: self.acks.settle(receipt, acknowledge))
+
+    def _acknowledge(self, mid: int, qos: int) -> None:
+        """PUBACK (PUBCOMP for QoS 2) for a message of the current connection."""
+        if self._client is not None and self._connected:
+            self._client.ack(mid, qos)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
         self._io.handled += 1

@@ -17,6 +17,20 @@ watch sees ``wg-<D>`` or ``vx-<D>`` come back, the service calls
 for another reason are queued again by :meth:`KeyApplier.retry_failed` (the
 service calls it with each metrics tick). The gateway's own public key (anyone
 can post it: every v2 reply carries it) is refused like an invalid key.
+
+When the MQTT server may forget a key: :meth:`KeyApplier.on_message` returns
+a Deferred that fires once the key's batch has run, and the MQTT service
+acknowledges the message (PUBACK) only then. A worker killed between
+receiving and applying a key gets it again from its persistent session; a
+repeat is harmless (peer set, route replace, FDB append are idempotent). A
+key whose first attempt *failed* is acknowledged too, and retried from the
+ledger above: holding it would stall the server's in-flight window (20
+messages by default in mosquitto) and with it every domain, and a key that
+can never be applied would come back on every reconnect. A crash loses such
+a failed key's retries; its router registers again within a minute anyway.
+Invalid messages are acknowledged at once. Keys not applied because the
+worker stops are left unacknowledged (:class:`~wgkex.bus.Redeliver`): the
+server delivers them again on the next start.
 """
 
 from __future__ import annotations
@@ -25,11 +39,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from wgkex.bus import Redeliver
 from wgkex.config import Config
 from wgkex.contract import Refused, decode_key_message
 from wgkex.worker.apply import DomainResult, KeyFailure, apply_batch
@@ -86,6 +101,8 @@ class KeyApplier:
         self._invalid_log = RateLimitedLog(self.log, clock, 10.0, "messages from the bus")
         # (domain, key) in arrival order; a dict is an insertion-ordered set.
         self._pending: dict[tuple[str, str], None] = {}
+        # Waiting keys that came from the bus: their messages are acknowledged after the batch.
+        self._waiters: dict[tuple[str, str], list[Deferred[None]]] = {}
         self.retries = RetryLedger(config.domains)
         self._busy = False
         self._kicking = False
@@ -96,15 +113,20 @@ class KeyApplier:
 
     # -- input ------------------------------------------------------------------------------------
 
-    def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
-        """MQTT callback for ``wireguard/{domain}/+`` (reactor thread)."""
+    def on_message(self, topic: str, payload: bytes, retained: bool = False) -> Deferred[None] | None:
+        """MQTT callback for ``wireguard/{domain}/+`` (reactor thread).
+
+        None for a message refused as invalid (acknowledge it now); else a Deferred that fires
+        once the key's batch has run, or fails with :class:`~wgkex.bus.Redeliver` when the
+        worker stops before applying it.
+        """
         self._metrics.keys_received.inc()
         try:
             domain, key = decode_key_message(topic, payload, self._domains)
         except Refused as refused:
             self._metrics.keys_invalid.labels(reason=refused.reason).inc()
             self._invalid_log.warn("Ignoring invalid message from the bus: {problem}", problem=str(refused))
-            return
+            return None
         if key == self._own_key(domain):
             # Anyone can post it (every v2 reply carries it); as a "peer" it would only
             # leave a route and an FDB entry to the gateway's own address behind.
@@ -112,8 +134,14 @@ class KeyApplier:
             self._invalid_log.warn(
                 "Ignoring the gateway's own public key {key} for {domain} from the bus", key=key, domain=domain
             )
-            return
+            return None
+        if not self._accepting:
+            self._metrics.keys_failed.labels(domain=domain, reason="stopped").inc()
+            return fail(Redeliver(f"the worker is stopping: key {key} for {domain} not applied"))
+        done: Deferred[None] = Deferred()
+        self._waiters.setdefault((domain, key), []).append(done)
         self.submit(domain, key)
+        return done
 
     def submit(self, domain: str, key: str) -> bool:
         """Queue a validated key; False when it was already waiting (or the worker is stopping)."""
@@ -172,13 +200,17 @@ class KeyApplier:
 
     # -- batches ----------------------------------------------------------------------------------
 
-    def _take_batch(self) -> dict[str, list[str]]:
+    def _take_batch(self) -> tuple[dict[str, list[str]], list[Deferred[None]]]:
+        """The next batch, and the Deferreds of the messages its keys came in."""
         batch: dict[str, list[str]] = {}
+        waiters: list[Deferred[None]] = []
         taken = 0
         for item in self._pending:
             if taken >= self._max_batch:
                 break
             batch.setdefault(item[0], []).append(item[1])
+            if self._waiters:
+                waiters += self._waiters.pop(item, ())
             taken += 1
         if taken == len(self._pending):
             self._pending = {}
@@ -187,7 +219,7 @@ class KeyApplier:
                 for key in keys:
                     del self._pending[(domain, key)]
         self._metrics.pending.set(len(self._pending))
-        return batch
+        return batch, waiters
 
     def _kick(self) -> None:
         """Start the next batch unless one is in flight (its completion kicks again)."""
@@ -197,7 +229,7 @@ class KeyApplier:
         self._kicking = True
         try:
             while not self._busy and self._pending:
-                batch = self._take_batch()
+                batch, waiters = self._take_batch()
                 size = sum(len(keys) for keys in batch.values())
                 self._busy = True
                 d = self._lane.run(apply_batch, batch, self._interfaces)
@@ -208,7 +240,7 @@ class KeyApplier:
                     errbackArgs=(batch,),
                 )
                 d.addErrback(lambda f: self.log.failure("recording a batch result failed", f))
-                d.addBoth(self._batch_finished)
+                d.addBoth(self._batch_finished, waiters)
         finally:
             self._kicking = False
         if not self._busy and not self._pending:
@@ -216,8 +248,13 @@ class KeyApplier:
             for waiter in waiters:
                 waiter.callback(None)
 
-    def _batch_finished(self, _: object) -> None:
+    def _batch_finished(self, attempted: object, waiters: list[Deferred[None]]) -> None:
         self._busy = False
+        if attempted is False:
+            _redeliver(waiters, "the keys lane stopped before the batch ran")
+        else:
+            for waiter in waiters:
+                waiter.callback(None)
         self._kick()
 
     def _batch_done(self, results: dict[str, DomainResult], size: int, started: float) -> None:
@@ -234,12 +271,15 @@ class KeyApplier:
             if result.failed:
                 self._record_failures(domain, result.failed)
 
-    def _batch_failed(self, failure: Failure, batch: dict[str, list[str]]) -> None:
+    def _batch_failed(self, failure: Failure, batch: dict[str, list[str]]) -> bool:
+        """Records the failure; False when the batch never ran (the worker stops)."""
         self.log.failure("applying a batch of keys failed as a whole", failure)
-        why = "stopped" if failure.check(PoolStopped) else "internal"
+        stopped = failure.check(PoolStopped) is not None
+        why = "stopped" if stopped else "internal"
         message = failure.getErrorMessage()
         for domain, keys in batch.items():
             self._record_failures(domain, {k: KeyFailure(why, message) for k in keys})
+        return not stopped
 
     def _record_failures(self, domain: str, failures: Mapping[str, KeyFailure]) -> None:
         iface = self._interfaces[domain]
@@ -294,6 +334,8 @@ class KeyApplier:
             self._accepting = False
             dropped = len(self._pending)
             self._pending = {}
+            waiters, self._waiters = self._waiters, {}
+            _redeliver([w for ws in waiters.values() for w in ws], "the worker stopped before applying it")
             self._metrics.pending.set(0)
             self.log.warn(
                 "Stopping with {count} key(s) not applied; routers send them again when they re-register",
@@ -310,3 +352,9 @@ class KeyApplier:
             return result
 
         return d.addBoth(done)
+
+
+def _redeliver(waiters: Sequence[Deferred[None]], why: str) -> None:
+    """Leave these messages unacknowledged: the MQTT server delivers them again."""
+    for waiter in waiters:
+        waiter.errback(Redeliver(why))
