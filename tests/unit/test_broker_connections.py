@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from wgkex.broker.site import ABORT_AFTER, HELD_BYTES, MAX_PIPELINED, BrokerChannel, BrokerSite, make_site
+from wgkex.broker.channel import ABORT_AFTER, HELD_BYTES, MAX_PIPELINED, BrokerChannel
+from wgkex.broker.site import BrokerSite, make_site
 
 PAGE = b"m" * 10_000
 SEND_BUFFER = 64 * 1024

@@ -7,7 +7,7 @@ A key travels through :meth:`BrokerApi.key_exchange`:
 2. the body -- JSON whatever the Content-Type says, since Gluon labels it
    ``application/x-www-form-urlencoded`` -- must be a UTF-8 JSON object with
    string ``domain`` and ``public_key`` (else 400; over the size limit 413,
-   normally already answered by :mod:`wgkex.broker.site` as it arrived);
+   normally already answered by :mod:`wgkex.broker.body_limit` as it arrived);
 3. the key must be a valid WireGuard public key and the domain configured (400),
    and pass the block/allow lists (403);
 4. v2 only: a worker is chosen for the domain (:mod:`wgkex.broker.selection`),
