@@ -249,7 +249,7 @@ class LostKeyLogTests(ApiCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def api_events(self) -> list[LogEvent]:
-        return [e for e in self.events if e.get("log_namespace", "").endswith("BrokerApi")]
+        return [e for e in self.events if e.get("log_namespace", "").endswith("KeyExchange")]
 
     def assertOneWarning(self) -> None:
         [event] = self.api_events()
