@@ -31,7 +31,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from wgkex.config import Config, parse_config
 from wgkex.keys import lladdr
 from wgkex.worker.backend import BackendError, InterfaceInfo, InterfaceMissing, PeerInfo, PeersFailed
-from wgkex.worker.pool import Backends
+from wgkex.worker.pool import Backends, GcPause
 
 #: The test vectors of docs/protocol.md.
 KEY_A = "o52Ge+Rpj4CUSitVag9mS7pSXUesNM0ESnvj/wwehkg="
@@ -237,7 +237,7 @@ class FakeRtnl:
 
 def backends_for(kernel: FakeKernel) -> tuple[Backends, FakeWireGuard, FakeRtnl]:
     wg, rtnl = FakeWireGuard(kernel), FakeRtnl(kernel)
-    return Backends(wireguard=wg, rtnl=rtnl), wg, rtnl
+    return Backends(wireguard=wg, rtnl=rtnl, gc_pause=GcPause()), wg, rtnl
 
 
 class SyncPool:

@@ -219,12 +219,14 @@ class LanesTests(SynchronousTestCase):
         self.kernel = FakeKernel()
         self.kernel.add_domain("welt")
         self.threads: dict[str, FakeThreadPool] = {}
+        self.gc_pause = GcPause()
         self.pool = BackendPool(
             ImmediateReactor(),  # type: ignore[arg-type]
             lambda: FakeWireGuard(self.kernel),
             lambda: FakeRtnl(self.kernel),
             threadpool_factory=lambda name: self.threads.setdefault(name, FakeThreadPool()),  # type: ignore[arg-type,return-value]
             wireguard_executor_factory=lambda: LazyExecutor(),
+            gc_pause=self.gc_pause,
         )
         self.pool.startService()
         self.addCleanup(self.pool.stopService)
@@ -248,6 +250,8 @@ class LanesTests(SynchronousTestCase):
         housekeeping = self.successResultOf(self.pool.housekeeping.run(backends))
         self.assertIsInstance(keys.wireguard, WireGuardThread)
         self.assertIsInstance(housekeeping.wireguard, FakeWireGuard)
+        self.assertIs(keys.gc_pause, self.gc_pause)
+        self.assertIs(housekeeping.gc_pause, self.gc_pause)
         self.assertIsNot(keys.rtnl, housekeeping.rtnl)
 
 

@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.reactors import ThreadedMemoryReactor
 from wgkex.worker import tap
+from wgkex.worker.pool import GcPause
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -69,6 +70,13 @@ class MakeServiceTests(SynchronousTestCase):
         sys.setswitchinterval(0.005)
         tap.makeService(self.options())
         self.assertAlmostEqual(sys.getswitchinterval(), tap.SWITCH_INTERVAL)
+
+    def test_collector_pause_handed_to_the_pool(self) -> None:
+        """The tap makes the process's collector pause and hands it to the netlink pool (no module-global one)."""
+        first = tap.makeService(self.options()).getServiceNamed("netlink-pool")  # type: ignore[attr-defined]
+        second = tap.makeService(self.options()).getServiceNamed("netlink-pool")  # type: ignore[attr-defined]
+        self.assertIsInstance(first.gc_pause, GcPause)
+        self.assertIsNot(first.gc_pause, second.gc_pause)
 
     def test_given_reactor_used(self) -> None:
         """makeService(options, reactor) builds on that reactor, not the global one."""

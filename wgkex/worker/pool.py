@@ -38,8 +38,9 @@ from __future__ import annotations
 import gc
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from twisted.application.service import Service
@@ -55,13 +56,18 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class GcPause:
+class GcPause(AbstractContextManager[None]):
     """Context manager: Python's cyclic garbage collector is off inside (nesting and threads allowed).
 
     For pool jobs that create, hold and drop hundreds of thousands of objects
     (peer dumps): none of them form cycles, reference counting frees them, and a
     collection in the middle would only walk them, holding the GIL. Garbage
     cycles made elsewhere meanwhile are collected once the collector is back on.
+
+    The collector is process-wide, so a process has one pause, shared by every
+    job that uses it: the tap makes it with the rest of the process-wide tuning
+    (:func:`wgkex.worker.tap.tune_process`) and hands it down to
+    :class:`BackendPool`, whose jobs find it as :attr:`Backends.gc_pause`.
     """
 
     def __init__(self) -> None:
@@ -82,9 +88,6 @@ class GcPause:
             if self._depth == 0 and self._was_enabled:
                 gc.enable()
 
-
-#: The one :class:`GcPause` of the process (the collector is process-wide).
-gc_paused = GcPause()
 
 
 class WireGuardThread:
@@ -130,10 +133,13 @@ class WireGuardThread:
 
 @dataclass(frozen=True)
 class Backends:
-    """The kernel-facing objects of the pool."""
+    """The kernel-facing objects of the pool, and how a job holding a whole peer dump pauses the collector."""
 
     wireguard: WireGuard
     rtnl: Rtnl
+    #: ``with backends.gc_pause:`` around a dump of 100,000 peers (a :class:`GcPause`; by
+    #: default nothing is paused).
+    gc_pause: AbstractContextManager[None] = field(default_factory=nullcontext)
 
     def start_wireguard(self, fn: Callable[[WireGuard], T]) -> Future[T]:
         """Start ``fn(wireguard)`` alongside the calling job; ``.result()`` waits for it.
@@ -255,14 +261,19 @@ class BackendPool(Service):
         name: str = "netlink-pool",
         threadpool_factory: Callable[[str], ThreadPool] = _one_thread,
         wireguard_executor_factory: Callable[[], Executor] = _wireguard_executor,
+        gc_pause: AbstractContextManager[None] | None = None,
     ) -> None:
+        """``gc_pause``: the process's :class:`GcPause` (from the tap), for the jobs that hold whole dumps."""
         self.setName(name)
+        #: Handed to both lanes' :class:`Backends`.
+        self.gc_pause: AbstractContextManager[None] = gc_pause if gc_pause is not None else nullcontext()
+        pause = self.gc_pause
 
         def key_backends() -> Backends:
             # The WireGuard thread starts here, in the lane's thread, not on the reactor.
             wireguard = WireGuardThread(wireguard_executor_factory(), make_wireguard)
             try:
-                return Backends(wireguard=wireguard, rtnl=make_rtnl())
+                return Backends(wireguard=wireguard, rtnl=make_rtnl(), gc_pause=pause)
             except BaseException:
                 wireguard.close()
                 raise
@@ -270,7 +281,7 @@ class BackendPool(Service):
         def housekeeping_backends() -> Backends:
             wireguard = make_wireguard()
             try:
-                return Backends(wireguard=wireguard, rtnl=make_rtnl())
+                return Backends(wireguard=wireguard, rtnl=make_rtnl(), gc_pause=pause)
             except BaseException:
                 wireguard.close()
                 raise

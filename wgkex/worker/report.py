@@ -52,7 +52,7 @@ from wgkex.worker.backend import InterfaceMissing
 from wgkex.worker.domains import Interfaces, domain_interfaces
 from wgkex.bus import Bus
 from wgkex.worker.metrics import WorkerMetrics
-from wgkex.worker.pool import Backends, Pool, gc_paused
+from wgkex.worker.pool import Backends, Pool
 
 #: A peer counts as connected with a handshake at most this many seconds old.
 CONNECTED_WINDOW = 180.0
@@ -101,7 +101,7 @@ def count_peers(
     """Pool thread: per domain how many peers there are and how many shook hands within ``window``."""
     result: dict[str, PeerCount | str] = {}
     for domain, wg in interfaces.items():
-        with gc_paused:  # a dump of 100,000 peers: see wgkex.worker.pool
+        with backends.gc_pause:  # a dump of 100,000 peers: see wgkex.worker.pool.GcPause
             try:
                 peers = backends.wireguard.peers(wg)
             except InterfaceMissing:

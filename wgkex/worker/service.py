@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from twisted.application.internet import TimerService
@@ -249,7 +250,7 @@ def _mqtt(config: Config, reactor: IReactor) -> BusService:
     )
 
 
-def _pool(config: Config, reactor: IReactor) -> LanesService:
+def _pool(config: Config, reactor: IReactor, gc_pause: AbstractContextManager[None] | None) -> LanesService:
     from wgkex.worker.pool import BackendPool
     from wgkex.worker.rtnl import PyrouteRtnl
     from wgkex.worker.wireguard import AutoWireGuard
@@ -259,6 +260,7 @@ def _pool(config: Config, reactor: IReactor) -> LanesService:
         reactor,
         lambda: AutoWireGuard(worker.wireguard_backend, worker.uapi_socket_dir),
         PyrouteRtnl,
+        gc_pause=gc_pause,
     )
 
 
@@ -284,16 +286,18 @@ def build_worker(
     watch_interval: float = WATCH_INTERVAL,
     drain_timeout: float = DRAIN_TIMEOUT,
     monotonic: Callable[[], float] = time.monotonic,
+    gc_pause: AbstractContextManager[None] | None = None,
 ) -> OrderedMultiService:
     """The whole worker tree from a configuration (nothing started, nothing opened).
 
     By default with the real MQTT service, netlink pool, logging set-up and
     SIGTERM handler; tests pass fakes for ``bus`` and ``pool``, ``support=()``,
-    and fakes for the interface lookups (``ifindex``, ``listen``).
+    and fakes for the interface lookups (``ifindex``, ``listen``). ``gc_pause``:
+    the process's collector pause (made by the tap), for the real pool.
     """
     interfaces = domain_interfaces(config)
     bus = bus if bus is not None else _mqtt(config, reactor)
-    pool = pool if pool is not None else _pool(config, reactor)
+    pool = pool if pool is not None else _pool(config, reactor, gc_pause)
     metrics = WorkerMetrics(config.domains)
     reporter = Reporter(config, bus, pool.housekeeping, metrics, reactor, interfaces)
     worker = WorkerService(

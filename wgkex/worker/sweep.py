@@ -57,7 +57,7 @@ from wgkex.worker.backend import InterfaceMissing, PeerInfo, PeersFailed
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.domains import Interfaces
-from wgkex.worker.pool import Backends, Pool, gc_paused
+from wgkex.worker.pool import Backends, Pool
 
 
 def stale_keys(
@@ -122,7 +122,7 @@ def find_stale(
     results: dict[str, DomainSweep] = {}
     for domain, ifaces in interfaces.items():
         result = results[domain] = DomainSweep()
-        with gc_paused:  # a dump of 100,000 peers: see wgkex.worker.pool
+        with backends.gc_pause:  # a dump of 100,000 peers: see wgkex.worker.pool.GcPause
             try:
                 peers = backends.wireguard.peers(ifaces.wg)
             except InterfaceMissing:
@@ -168,7 +168,7 @@ def dump_keys(backends: Backends, interfaces: Mapping[str, str]) -> dict[str, li
     result: dict[str, list[str] | str] = {}
     for domain, wg in interfaces.items():
         try:
-            with gc_paused:  # a dump of 100,000 peers: see wgkex.worker.pool
+            with backends.gc_pause:  # a dump of 100,000 peers: see wgkex.worker.pool.GcPause
                 result[domain] = [p.public_key for p in backends.wireguard.peers(wg)]
         except InterfaceMissing:
             result[domain] = f"interface {wg} does not exist"

@@ -16,6 +16,11 @@ it concerns the whole interpreter rather than one service:
   ``bench/worker_reactor.py`` (100,000 peers counted and swept every second):
   ``/healthz`` p99 27 ms -> 8 ms, max 38 ms -> 22 ms; a 20,000-key burst
   (``bench/worker_burst.py``) is as fast as before.
+* **The collector pause** (:class:`~wgkex.worker.pool.GcPause`): jobs that
+  hold a whole peer dump (the sweep, the peer count, the start-up dump) turn
+  Python's cyclic garbage collector off meanwhile; the collector is
+  process-wide, so the process has exactly one pause, made here and handed to
+  the worker's tree.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from twisted.application.service import IService
 
 from wgkex.options import Options
 from wgkex.reactor import IReactor
+from wgkex.worker.pool import GcPause
 
 __all__ = ["Options", "SWITCH_INTERVAL", "makeService", "tune_process"]
 
@@ -33,9 +39,10 @@ __all__ = ["Options", "SWITCH_INTERVAL", "makeService", "tune_process"]
 SWITCH_INTERVAL = 0.001
 
 
-def tune_process() -> None:
-    """Apply the process-wide settings of the module docstring."""
+def tune_process() -> GcPause:
+    """Apply the process-wide settings of the module docstring; the process's collector pause."""
     sys.setswitchinterval(SWITCH_INTERVAL)
+    return GcPause()
 
 
 def makeService(options: Options, reactor: IReactor | None = None) -> IService:
@@ -43,5 +50,7 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     from wgkex.reactor import installed_reactor
     from wgkex.worker.service import build_worker
 
-    tune_process()
-    return build_worker(options.config, reactor if reactor is not None else installed_reactor())
+    gc_pause = tune_process()
+    return build_worker(
+        options.config, reactor if reactor is not None else installed_reactor(), gc_pause=gc_pause
+    )
