@@ -23,6 +23,13 @@ long. Its sweep runs every :data:`CLEANUP_INTERVAL` seconds with a short
 :data:`PEER_TIMEOUT`, and every key but the sweep check's own is on
 ``keep_keys``, so the sweep never races the other checks. The burst comes
 late: with 600 peers every dump is slow under emulation.
+
+Every line of the checks' output (``SCRATCH/guest.log``) is stamped with the
+seconds since the script began (:meth:`Guest.note`), so a slow run shows
+where its time went. Measured on the 2-core host (load 3-4): boot 11 s,
+Python start 12 s, the worker's start-up 32 s, the sweep check 27 s (the
+stale key ages :data:`PEER_TIMEOUT`), the burst 38 s; ``trial tests.kernel``
+168 s in all (the VM image cached).
 """
 
 from __future__ import annotations
@@ -69,8 +76,8 @@ BURST = 600
 CLONE_NEWNET = 0x40000000
 #: Sweep settings of the worker: short enough to watch a sweep, long enough that
 #: the checks before it see their keys in place.
-PEER_TIMEOUT = 60.0
-CLEANUP_INTERVAL = 10.0
+PEER_TIMEOUT = 30.0
+CLEANUP_INTERVAL = 5.0
 METRICS_INTERVAL = 5.0
 #: Deadline of each wait. Generous: a busy host can slow emulation down another 10x.
 WAIT = 300.0
@@ -129,8 +136,10 @@ class Bus:
 class Guest:
     """Everything the checks share: namespaces, interfaces, mosquitto, the worker, the bus."""
 
-    def __init__(self, scratch: str) -> None:
+    def __init__(self, scratch: str, started: float) -> None:
         self.scratch = scratch
+        #: time.monotonic() when the script began: :meth:`note` stamps its lines from there.
+        self.started = started
         self.dir = "/tmp/kernel-vm"
         os.makedirs(self.dir, exist_ok=True)
         self.worker_log = os.path.join(scratch, "worker.log")
@@ -155,6 +164,10 @@ class Guest:
         self.stale_published_at = 0.0
         self.stale_seen_installed = False
 
+    def note(self, text: str) -> None:
+        """One line in the checks' output (``guest.log``), stamped with the seconds since the script began."""
+        print(f"{time.monotonic() - self.started:7.1f} s  {text}", flush=True)
+
     # -- set-up ---------------------------------------------------------------------------
     def wg(self, *args: str, input: str | None = None) -> str:
         """``wg ARGS`` on the gateway (the guest's own namespace)."""
@@ -164,6 +177,7 @@ class Guest:
         """mosquitto, the gateway's interfaces and the worker first (its start-up is the slowest
         part), then this script's MQTT client and the router's namespace while it starts."""
         self.mqtt.start(timeout=WAIT)
+        self.note("mosquitto started")
         self.gw.ip("link", "add", WG, "type", "wireguard")
         self.wg("set", WG, "private-key", "/dev/stdin", "listen-port", str(LISTEN_PORT),
                 input=run(["wg", "genkey"]))
@@ -190,6 +204,7 @@ class Guest:
         })
         self.worker = spawn("worker", [twistd(), "-n", "--pidfile=", "wgkex-worker", "--config", config],
                             self.worker_log)
+        self.note("worker spawned")
         self.bus = Bus(self.mqtt.port)
         self.bus.subscribe("wireguard-worker/#")
         self.bus.subscribe("wireguard-metrics/#")
@@ -197,6 +212,7 @@ class Guest:
         add_veth(self.gw, "eth0", self.rt, "eth0")
         add_address(self.gw, "eth0", "2001:db8::1/64")
         add_address(self.rt, "eth0", "2001:db8::2/64")
+        self.note("router namespace ready")
 
     def router(self) -> Namespace:
         """The router's namespace (made by :meth:`start`)."""
@@ -313,6 +329,7 @@ def check_vectors(g: Guest) -> dict[str, Any]:
     assert g.bus is not None
     g.bus.publish(f"wireguard/{DOMAIN}/all", [KEY_A, KEY_B])
     poll(lambda: g.installed([KEY_A, KEY_B]), "both test vectors installed")
+    g.note("test vectors installed")
     observed = {"peers": {k: v["allowed_ips"] for k, v in g.peers().items()},
                 "routes": g.routes(), "fdb": g.fdb()}
     # The sweep check's key, to age while the checks in between run (few peers then,
@@ -333,12 +350,14 @@ def check_burst(g: Guest) -> dict[str, Any]:
     keys = g.burst
     start = time.monotonic()
     g.bus.publish(f"wireguard/{DOMAIN}/all", keys)
+    g.note(f"{BURST} keys published")
     try:
         # Counting peers is cheap; the full look (wg, ip, bridge) only once they are all there.
         poll(lambda: g.peer_count() >= BURST + 2 and g.installed(keys), f"{BURST} keys installed", interval=2.0)
     except Exception:
         pass  # what is missing is reported below
     seconds = time.monotonic() - start
+    g.note(f"{BURST} keys installed ({seconds:.1f} s)")
     state = g.state_of(keys)
     missing = [k for k, s in state["keys"].items() if not (s["allowed_ips"] and s["route"] and s["fdb_via"])]
     wrong = [k for k, s in state["keys"].items()
@@ -355,6 +374,7 @@ def check_burst(g: Guest) -> dict[str, Any]:
         poll(gauge_matches, "the worker's peer gauge (from its own dump) to match wg show", interval=2.0)
     except Exception:
         pass
+    g.note("peer gauge read")
     return {"published": len(keys), "missing": missing[:5], "missing_count": len(missing),
             "wrong_allowed_ips": wrong[:5], "seconds": seconds, "wg_peer_count": state["peer_count"],
             "route_count": state["route_count"], "fdb_count": state["fdb_count"], **counts}
@@ -378,12 +398,14 @@ def check_handshake(g: Guest) -> dict[str, Any]:
     add_vxlan(g.router(), ROUTER_VX, vni=VNI, local=lladdr(g.router_key), dev=ROUTER_WG, remote=g.link_address)
     add_address(g.router(), ROUTER_VX, "fe80::2/64")
     poll(lambda: g.installed([g.router_key]), "the router's key installed")
+    g.note("router's key installed")
     count_start = len(g.bus.all(topic))
     # The keepalive's first handshake may have gone out before the gateway knew the
     # key; traffic makes the router try again at once.
     g.router().run(["ping", "-6", "-n", "-c", "1", "-W", "5", f"{g.link_address}%{ROUTER_WG}"], check=False, timeout=120)
     try:
         poll(lambda: g.peers().get(g.router_key, {}).get("latest_handshake"), "a handshake")
+        g.note("handshake seen")
         poll(lambda: g.bus is not None and "1" in g.bus.all(topic)[count_start:], "connected peers 1")
     except Exception:
         pass  # reported below
@@ -506,7 +528,9 @@ def main(scratch: str) -> int:
         os.replace(path + ".new", path)
 
     start = time.monotonic()
-    g = Guest(scratch)
+    g = Guest(scratch, start)
+    with open("/proc/uptime") as f:
+        g.note(f"started (guest up {f.read().split()[0]} s)")
     try:
         try:
             g.start()
@@ -514,7 +538,7 @@ def main(scratch: str) -> int:
             record("setup", {"error": traceback.format_exc()})
             return 1
         record("setup", {"seconds": time.monotonic() - start})
-        print(f"setup: {time.monotonic() - start:.1f} s", flush=True)
+        g.note("setup done")
         for name, check in CHECKS:
             t = time.monotonic()
             try:
@@ -523,7 +547,7 @@ def main(scratch: str) -> int:
                 record(name, {"error": traceback.format_exc(), "seconds": time.monotonic() - t})
             else:
                 record(name, {"observed": observed, "seconds": time.monotonic() - t})
-            print(f"check {name}: {time.monotonic() - t:.1f} s", flush=True)
+            g.note(f"check {name}: {time.monotonic() - t:.1f} s")
     finally:
         g.stop()
     return 0
