@@ -156,18 +156,18 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("the netlink monitor did not start")
         before = bench.status.metrics()
         rng = random.Random(bench.seed)
-        published: list[tuple[str, float]] = []
+        published: list[tuple[str, float, str]] = []
         started = time.monotonic()
         n = 0
         while time.monotonic() - started < args.duration:
             time.sleep(rng.uniform(0, 2 * args.gap))
             key = new_key(bench.seed, n)
             n += 1
-            published.append((str(ipaddress.ip_address(lladdr(key))), time.time()))
+            published.append((str(ipaddress.ip_address(lladdr(key))), time.time(), key))
             client.publish(key_topic(DOMAIN), key.encode(), qos=1)
         elapsed = time.monotonic() - started
         deadline = time.monotonic() + args.wait
-        while time.monotonic() < deadline and any(installed.at(a) is None for a, _ in published):
+        while time.monotonic() < deadline and any(installed.at(a) is None for a, _, _ in published):
             time.sleep(0.1)
         after = bench.status.metrics()
     finally:
@@ -175,21 +175,49 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         client.disconnect()
         proc.terminate()
         proc.wait(10)
+    # The fake daemon's request log: "get|set ARRIVED WAITED HELD FIRST" (see worker_reactor.FakeDaemon).
+    gets: list[tuple[float, float]] = []  # (start, end) of every dump with the device held
+    sets: dict[str, tuple[float, float, float]] = {}  # first key's hex prefix -> (arrived, waited, held)
+    with open(os.path.join(bench.dir, "fake-uapi.log")) as log:
+        for line in log:
+            parts = line.split()
+            if len(parts) != 5:
+                continue
+            kind, arrived, waited, held, first = parts[0], float(parts[1]), float(parts[2]), float(parts[3]), parts[4]
+            if kind == "get":
+                gets.append((arrived + waited, arrived + waited + held))
+            elif kind == "set":
+                sets.setdefault(first, (arrived, waited, held))
     latencies = []
+    quiet = []  # keys whose set did not arrive while a dump held the device
+    to_daemon, daemon_wait, after_peer = [], [], []
+    behind_dump = 0
     missing = 0
-    for address, when in published:
+    for address, when, key in published:
         at = installed.at(address)
         if at is None:
             missing += 1
+            continue
+        latencies.append((at - when) * 1000)
+        entry = sets.get(base64.b64decode(key).hex()[:16])
+        if entry is None:
+            continue
+        arrived, waited, held = entry
+        to_daemon.append((arrived - when) * 1000)
+        daemon_wait.append(waited * 1000)
+        after_peer.append((at - arrived - waited - held) * 1000)
+        if any(start <= arrived < end for start, end in gets):
+            behind_dump += 1
         else:
-            latencies.append((at - when) * 1000)
-    holds = []
-    with open(os.path.join(bench.dir, "fake-uapi.log")) as log:
-        for line in log:
-            if line.startswith("get "):
-                _, at, seconds = line.split()
-                if published and published[0][1] <= float(at) <= published[-1][1]:
-                    holds.append(float(seconds) * 1000)
+            quiet.append(latencies[-1])
+    holds = [(end - start) * 1000 for start, end in gets
+             if published and published[0][1] <= end and start <= published[-1][1]]
+
+    def spread(values: list[float]) -> dict[str, float] | None:
+        if not values:
+            return None
+        return {"p50": round(percentile(values, 50), 1), "p99": round(percentile(values, 99), 1),
+                "max": round(max(values), 1)}
     sweeps = after.get("wgkex_worker_sweep_seconds_count", 0) - before.get("wgkex_worker_sweep_seconds_count", 0)
     sweep_time = after.get("wgkex_worker_sweep_seconds_sum", 0) - before.get("wgkex_worker_sweep_seconds_sum", 0)
     return {
@@ -208,7 +236,14 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         # The fake daemon builds a dump with its device lock held (so does wireguard-go): keys
         # added meanwhile wait for it.
         "uapi_dumps": len(holds),
-        "uapi_dump_lock_ms_max": round(max(holds), 1) if holds else None,
+        "uapi_dump_lock_ms": spread(holds),
+        # Where a key's time went: publish -> its set reaches the daemon (bus, reactor, keys lane),
+        # waiting there for the device, then from the end of its set to its route and FDB entry.
+        "parts_ms": {"to_daemon": spread(to_daemon), "daemon_wait": spread(daemon_wait),
+                     "peer_to_installed": spread(after_peer)},
+        "keys_arriving_during_a_dump": behind_dump,
+        "latency_ms_other_keys": spread(quiet),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
     }
 
 
