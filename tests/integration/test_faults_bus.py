@@ -5,6 +5,8 @@
   gets every key (the spool in ``broker.state_dir``);
 - mosquitto killed and restarted while 20 clients POST: every key answered 200
   is a peer on the lab's gateway at the end;
+- the worker killed while it applies a burst published straight to mosquitto:
+  the keys it had received but not applied come again from its session;
 - the worker killed mid-burst and restarted: every key answered 200 is
   installed, those it had received but not yet applied too (it acknowledges a
   key to MQTT only once applied, so its persistent session delivers it again),
@@ -38,6 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.test_broker import GLUON_HEADERS, BrokerProcess, Subscriber, v1_body
+from tests.integration.test_worker import TOPIC, WorkerTestCase, distinct_keys
 from tests.support.mosquitto import Mosquitto, free_port, process_gone, wait_for
 from tests.support.skips import need_mosquitto, need_root_lab
 from wgkex.keys import key_problem
@@ -287,3 +290,22 @@ class LabFaultTests(SynchronousTestCase):
               f"{len(accepted)} of {len(accepted)}")
         self.assertNotIn("Traceback", log)
         self.assertEqual([line for line in log.splitlines() if "failed" in line.lower()], [], log[-3000:])
+
+
+class WorkerKillTests(WorkerTestCase):
+    def test_sigkill_while_applying_a_burst(self) -> None:
+        """A worker SIGKILLed with keys received but not yet applied gets them again from its session."""
+        gw = self.gateway(max_batch=20)  # 250 batches: the kill comes in the middle
+        gw.wait_online()
+        keys = distinct_keys(5000, 29)
+        gw.bus.publish(TOPIC, keys)  # mosquitto has them all (PUBACK) before the worker is done
+        wait_for(lambda: gw.peers(), 30, interval=0.01, what="the first batch")
+        gw.stop_worker(signal.SIGKILL)  # returns once the process is gone
+        at_kill = len(gw.peers())
+        self.assertLess(at_kill, len(keys), "the kill must come while keys are still being applied")
+        gw.start_worker()
+        wait_for(lambda: gw.all_installed(keys), 60, interval=0.2, what=f"all {len(keys)} keys installed")
+        print(f"\nworker kill mid-batch: {at_kill} of {len(keys)} keys were peers at the kill; all installed after")
+        with open(gw.log, errors="replace") as f:
+            log = f.read()
+        self.assertNotIn("Traceback", log)
