@@ -9,7 +9,7 @@ keys published (acknowledged by the MQTT server) and queued (accepted while it
 was unreachable), requests refused by the rate limiter or the key lists, v2
 choices per worker, malformed bus messages. Read at scrape time from the live
 objects: MQTT connected and reconnects, keys pending, workers online per
-domain, peers per worker and domain.
+domain, peers per worker and domain, keys replayed to workers back on the bus.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from wgkex.broker.replay import ReplayCounters
 from wgkex.broker.workers import WorkerPicture
 from wgkex.bus import Bus
 from wgkex.contract import Refused
@@ -116,6 +117,31 @@ class _ConnectionCollector:
         yield closed
 
 
+class _ReplayCollector:
+    """Reads the replay counts and the recent keys held (:mod:`wgkex.broker.replay`) at scrape time."""
+
+    def __init__(self, counters: ReplayCounters, held: Callable[[], int]) -> None:
+        self._counters = counters
+        self._held = held
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._counters
+        for name, text, counts in (
+            ("wgkex_broker_keys_replayed", "Recent keys re-published for a worker back on the bus", c.replayed),
+            ("wgkex_broker_keys_replay_skipped",
+             "Recent keys not re-published: the MQTT queue was full or the connection ended", c.skipped),
+            ("wgkex_broker_replays", "Replays of a domain's recent keys started for a worker back on the bus",
+             c.replays),
+        ):
+            family = CounterMetricFamily(name, text, labels=["domain"])
+            for domain in sorted(counts):
+                family.add_metric([domain], float(counts[domain]))
+            yield family
+        held = GaugeMetricFamily("wgkex_broker_recent_keys", "Keys kept for replay (broker.replay_window)")
+        held.add_metric([], float(self._held()))
+        yield held
+
+
 class BrokerMetrics:
     """All metrics of one broker, in a registry of its own."""
 
@@ -181,6 +207,10 @@ class BrokerMetrics:
     def watch_connections(self, counts: ConnectionCounts) -> None:
         """Export the HTTP site's connection counts (open, and closed by which bound)."""
         self.registry.register(_ConnectionCollector(counts))
+
+    def watch_replays(self, counters: ReplayCounters, held: Callable[[], int]) -> None:
+        """Export what replays did and how many recent keys are kept for them."""
+        self.registry.register(_ReplayCollector(counters, held))
 
     def render(self) -> bytes:
         """The text exposition of every metric of this broker."""

@@ -7,7 +7,9 @@ the one after it has stopped:
 - ``logging``: applies ``log_level`` / ``logging_config``;
 - ``keylists``: reads the key block/allow lists, re-reads them on SIGHUP;
 - ``mqtt``: the MQTT connection; the worker picture subscribes through it; keys
-  not yet acknowledged are kept in a spool under ``broker.state_dir``;
+  not yet acknowledged are kept in a spool under ``broker.state_dir``, keys
+  acknowledged in the last ``broker.replay_window`` seconds in memory, for a
+  worker back on the bus (:mod:`wgkex.broker.replay`);
 - ``sigterm``: a clean SIGTERM exits with status 0;
 - ``http``: the listener for ``broker_listen`` (:class:`wgkex.listen.ListenService`,
   any Twisted server endpoint description; ``backlog=`` is added for
@@ -34,6 +36,7 @@ from wgkex.broker.history import AlsoTo, History
 from wgkex.broker.keylists import KeyLists, KeyListService
 from wgkex.broker.metrics import BrokerMetrics
 from wgkex.broker.ratelimit import RateLimiter
+from wgkex.broker.replay import RecentKeys, RecordingBus, Replayer
 from wgkex.broker.site import BrokerSite, make_site
 from wgkex.broker.workers import WorkerPicture, WorkerTracker
 from wgkex.config import Config
@@ -111,12 +114,17 @@ def build_broker(
     mqtt = mqtt_factory(reactor, config.mqtt, name="mqtt", spool=spool)
     picture = WorkerPicture(config.domains, config.weight, clock)
     metrics = BrokerMetrics(picture, lambda: mqtt)
-    tracker = WorkerTracker(picture, clock, on_invalid=metrics.count_bus_invalid)
+    recent = RecentKeys(clock, b.replay_window, b.replay_limit)
+    replayer = Replayer(mqtt, picture, recent, clock)
+    replayer.attach()
+    metrics.watch_replays(replayer.counters, recent.__len__)
+    tracker = WorkerTracker(picture, clock, on_invalid=metrics.count_bus_invalid, after=replayer.report)
     history = History(config.domains, clock)
     tracker.subscribe(AlsoTo(mqtt, METRICS_FILTER, history.on_metric))
     lists = KeyLists(b.key_blocklist, b.key_allowlist)
     limiter = RateLimiter(b.rate_limit, b.rate_burst, clock)
-    api = BrokerApi(config, mqtt, picture, lists, limiter, metrics, clock, history)
+    # Keys go out through RecordingBus so that the replayer has the recent ones.
+    api = BrokerApi(config, RecordingBus(mqtt, recent), picture, lists, limiter, metrics, clock, history)
     site = make_site(
         api.resource(), b.max_body_size, reactor, on_too_large=too_large_counter(metrics, history),
         idle_timeout=b.idle_timeout, request_timeout=b.request_timeout,

@@ -216,8 +216,11 @@ class WorkerTracker:
         clock: IReactorTime,
         on_invalid: Callable[[Refused], None] | None = None,
         log_interval: float = 60.0,
+        after: Callable[[str, bytes, bool], None] | None = None,
     ) -> None:
         self.picture = picture
+        #: Sees every report once the picture took it in (or refused it): the replayer.
+        self._after = after
         self._clock = clock
         self._on_invalid = on_invalid
         self._log_interval = log_interval
@@ -237,6 +240,8 @@ class WorkerTracker:
             if self._on_invalid is not None:
                 self._on_invalid(refused)
             self._complain(refused, topic)
+        if self._after is not None:
+            self._after(topic, payload, retained)
 
     def _complain(self, refused: Refused, topic: str) -> None:
         """Log a refused report, at most once per kind and interval (with a suppressed count)."""

@@ -37,6 +37,11 @@ class BrokerConfig:
     max_connections: int = 0
     #: Where keys not yet acknowledged by the MQTT server are kept across restarts.
     state_dir: str = "/var/lib/wgkex"
+    #: Seconds the keys acknowledged by the MQTT server are kept to re-publish for a worker
+    #: back on the bus (an MQTT server that crashed may have lost them); 0: none kept.
+    replay_window: float = 120.0
+    #: Keys kept for that at most (32 bytes each).
+    replay_limit: int = 100_000
 
 
 def read_broker(top: Reader) -> BrokerConfig:
@@ -57,6 +62,8 @@ def read_broker(top: Reader) -> BrokerConfig:
         max_connections_per_address=b.integer("max_connections_per_address", 256, 0),
         max_connections=b.integer("max_connections", 0, 0),
         state_dir=_state_dir(b),
+        replay_window=b.number("replay_window", 120.0, 0, positive=False),
+        replay_limit=b.integer("replay_limit", 100_000, 0),
     )
 
 
