@@ -12,9 +12,13 @@
   key to MQTT only once applied, so its persistent session delivers it again),
   and nothing applied twice is an error.
 
-Under all of them, the MQTT server's own promise: a persistent session made
-a moment before mosquitto is SIGKILLed is still there after the restart, and
-keys published then reach it (the lab's mosquitto saves after every change).
+The lab's mosquitto saves its store every second (as any mosquitto with
+persistence does, now and then): what a SIGKILL loses since -- keys it
+acknowledged but had not delivered -- the broker publishes again when the
+worker is back (``broker.replay_window``, :mod:`wgkex.broker.replay`). Apart
+from that, mosquitto's own promise when it saves after every change: a
+persistent session made a moment before a SIGKILL is still there after the
+restart, and keys published then reach it.
 
 The first two use a broker process and a plain MQTT subscriber; the others the
 lab (:mod:`wgkex.lab`: mosquitto, broker, a gateway with wireguard-go and the
@@ -44,7 +48,7 @@ from tests.integration.test_worker import TOPIC, WorkerTestCase, distinct_keys
 from tests.support.mosquitto import Mosquitto, free_port, process_gone, wait_for
 from tests.support.skips import need_mosquitto, need_root_lab
 from wgkex.keys import key_problem
-from wgkex.lab.lab import Lab
+from wgkex.lab.lab import Lab, http_get
 
 #: Rate limits out of the way: these tests send hundreds of keys from 127.0.0.1.
 NO_RATE_LIMIT = {"rate_limit": 100000, "rate_burst": 100000}
@@ -209,12 +213,24 @@ class Poster:
                 time.sleep(0.05)  # a refused client backs off a little, as Gluon would (much more)
 
 
+def broker_metrics(broker_url: str) -> dict[str, float]:
+    """The broker's /metrics samples summed over their labels, by metric name."""
+    status, body = http_get(broker_url + "/metrics")
+    assert status == 200, f"/metrics answered {status}"
+    sums: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split("{", 1)[0].split(" ", 1)[0], line.rsplit(" ", 1)[1]
+            sums[name] = sums.get(name, 0.0) + float(value)
+    return sums
+
+
 class LabFaultTests(SynchronousTestCase):
-    # Both once failed on an idle machine: the lab's mosquitto saved its store only every
-    # second or two, so a SIGKILL soon after the worker subscribed lost its session (keys
-    # re-published after the restart went to nobody); and the worker acknowledged a key
-    # before applying it, so a SIGKILL in between lost it. The lab's mosquitto now saves
-    # after every change and the worker acknowledges a key once applied.
+    # Both once failed on an idle machine: mosquitto lost what it had acknowledged since its
+    # last save (keys, a fresh session), and the worker acknowledged a key before applying
+    # it, so a SIGKILL in between lost it. The broker now publishes recent keys again for a
+    # worker back live (the lab's mosquitto saves only every second, as a default one does
+    # now and then), and the worker acknowledges a key once applied.
     skip = need_root_lab()
 
     def start_lab(self) -> Lab:
@@ -260,9 +276,12 @@ class LabFaultTests(SynchronousTestCase):
         poster.stop()
         self.assertGreater(accepted_while_down, 0, "keys must have been queued while the bus was down")
         self.assert_all_installed(lab, list(poster.accepted))
+        metrics = broker_metrics(lab.broker_url)
         print(f"\nmosquitto kill: answers {dict(sorted(poster.statuses.items()))}, 503s: {poster.statuses.get(503, 0)},"
               f" accepted while it was down: {accepted_while_down}, installed: {len(poster.accepted)} of"
-              f" {len(poster.accepted)}")
+              f" {len(poster.accepted)}, replayed by the broker: {metrics.get('wgkex_broker_keys_replayed_total', 0):.0f}"
+              f" in {metrics.get('wgkex_broker_replays_total', 0):.0f} replays"
+              f" (skipped {metrics.get('wgkex_broker_keys_replay_skipped_total', 0):.0f})")
 
     def test_worker_killed_mid_burst(self) -> None:
         """The worker SIGKILLed mid-burst and restarted: every key answered 200 lands, no repeat is an error."""

@@ -170,10 +170,10 @@ class Lab:
         self.lan = self.ledger.add_netns(Namespace.create(f"wgkex-{self.id}-lan"))
         add_bridge(self.lan, BRIDGE)
 
-        # Saved on every change, as a deployment that must survive a server crash should be
-        # (see wgkex.lab.mosquitto): the fault tests SIGKILL it.
-        self.mosquitto = Mosquitto(os.path.join(self.directory, "mqtt"), unix_socket=self.mqtt_socket,
-                                   save_every_change=True)
+        # Saved every second, as a default mosquitto with persistence saves now and then (see
+        # wgkex.lab.mosquitto): what a SIGKILL loses since, the broker publishes again for the
+        # worker (broker.replay_window); the fault tests SIGKILL it.
+        self.mosquitto = Mosquitto(os.path.join(self.directory, "mqtt"), unix_socket=self.mqtt_socket)
         self.ledger.add_proc(self.mosquitto.start())
 
         self.broker_port = free_port()

@@ -9,15 +9,17 @@ unix socket, so the config says ``user root``.
 
 Persistence: the store (``mosquitto.db``) lives in the server's directory and
 a restart reuses it, so persistent sessions (the worker's) and the QoS 1
-messages queued for them survive a restart, even a SIGKILL. How much a SIGKILL
-can lose depends on when mosquitto saves: with ``save_every_change`` (the
-lab's) after every change (``autosave_on_changes true``, ``autosave_interval
-1``): a fresh subscription or a queued message is on disk before the next
-event is handled. Otherwise every second or two (``autosave_interval 1``):
-a SIGKILL then loses what changed since, e.g. a session created a moment
-before. Saving writes the whole store, so saving every change makes a backlog
-of thousands of messages slow (a 2,000-key burst to a worker: 15 s instead of
-1 s here): tests that only measure speed keep the default.
+messages queued for them survive a restart. How much a SIGKILL can lose
+depends on when mosquitto saves. By default (the lab's) every second or two
+(``autosave_interval 1``): a SIGKILL loses what changed since, e.g. keys it
+acknowledged but had not delivered yet, or a session created a moment before;
+the broker publishes recent keys again when the worker is back
+(:mod:`wgkex.broker.replay`), and the worker subscribes on every connect. With
+``save_every_change`` after every change (``autosave_on_changes true``,
+``autosave_interval 1``): a fresh subscription or a queued message is on disk
+before the next event is handled. Saving writes the whole store, so that makes
+a backlog of thousands of messages slow (a 2,000-key burst to a worker: 15 s
+instead of 1 s here); only the test that pins mosquitto's own promise uses it.
 
 Example::
 
