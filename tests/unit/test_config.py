@@ -98,6 +98,7 @@ class OriginalFormatTests(SynchronousTestCase):
         self.assertEqual((c.mqtt.queue_limit, c.mqtt.reconnect_max_delay), (10_000, 30))
         self.assertEqual((c.broker.request_timeout, c.broker.idle_timeout), (20, 30))
         self.assertEqual((c.broker.max_connections_per_address, c.broker.max_connections), (256, 0))
+        self.assertEqual((c.broker.replay_window, c.broker.replay_limit), (120, 100_000))
         self.assertEqual(c.weight("unknown-worker"), 1)
         self.assertEqual(c.log_level, "info")
 
@@ -253,6 +254,13 @@ class ErrorTests(SynchronousTestCase):
     def test_bad_trusted_proxy(self) -> None:
         """trusted_proxies entries must be addresses or networks."""
         self.assertIn("broker.trusted_proxies", self.error({**MINIMAL, "broker": {"trusted_proxies": ["x"]}}))
+
+    def test_replay_bounds(self) -> None:
+        """broker.replay_window and replay_limit take 0 (off) and refuse negatives or text in one line."""
+        c = parse_config({**MINIMAL, "broker": {"replay_window": 0, "replay_limit": 0}})
+        self.assertEqual((c.broker.replay_window, c.broker.replay_limit), (0, 0))
+        self.assertIn("broker.replay_window", self.error({**MINIMAL, "broker": {"replay_window": -1}}))
+        self.assertIn("broker.replay_limit", self.error({**MINIMAL, "broker": {"replay_limit": "lots"}}))
 
     def test_missing_ca_file(self) -> None:
         """A TLS CA file that does not exist is refused at start."""
