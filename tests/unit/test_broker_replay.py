@@ -19,7 +19,8 @@ from tests.support.bus import FakeBus
 from tests.support.reactors import ThreadedMemoryReactor
 from tests.unit.test_broker_fakes import GLUON_HEADERS, endpoint_data, make_config
 from tests.unit.test_broker_service import FakeMqtt
-from wgkex.broker.replay import REPLAY_IN_FLIGHT, REPLAY_RETRY, RecentKeys, RecordingBus, Replayer
+from wgkex.broker.recent import RecentKeys, RecordingBus
+from wgkex.broker.replay import REPLAY_IN_FLIGHT, REPLAY_RETRY, Replayer
 from wgkex.broker.service import build_broker
 from wgkex.broker.workers import WorkerPicture, WorkerTracker
 from wgkex.bus import QueueFull

@@ -36,7 +36,8 @@ from wgkex.broker.history import AlsoTo, History
 from wgkex.broker.keylists import KeyLists, KeyListService
 from wgkex.broker.metrics import BrokerMetrics
 from wgkex.broker.ratelimit import RateLimiter
-from wgkex.broker.replay import RecentKeys, RecordingBus, Replayer
+from wgkex.broker.recent import RecentKeys, RecordingBus
+from wgkex.broker.replay import Replayer
 from wgkex.broker.site import BrokerSite, make_site
 from wgkex.broker.workers import WorkerPicture, WorkerTracker
 from wgkex.config import Config

@@ -1,0 +1,168 @@
+"""The keys the MQTT server acknowledged lately: what :mod:`wgkex.broker.replay` re-publishes.
+
+:class:`RecentKeys` keeps every key acknowledged in the last
+``broker.replay_window`` seconds, at most ``broker.replay_limit`` of them
+(32 bytes each, packed per domain and second: 100,000 keys take about 3 MB).
+:class:`RecordingBus` feeds it: the key exchange publishes through it, and a
+key is remembered once the server's PUBACK arrives (until then the outbox and
+its spool hold it). Why the broker keeps them at all is in
+:mod:`wgkex.broker.replay`.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from wgkex.bus import Bus, MessageCallback
+
+__all__ = ["KEY_BYTES", "RecentKeys", "RecordingBus", "distinct_keys"]
+
+#: A public key, decoded.
+KEY_BYTES = 32
+
+
+@dataclass
+class _Second:
+    """The keys of one domain acknowledged within one second, packed."""
+
+    second: int
+    keys: bytearray = field(default_factory=bytearray)
+
+    def __len__(self) -> int:
+        return len(self.keys) // KEY_BYTES
+
+
+class RecentKeys:
+    """The keys acknowledged in the last ``window`` seconds, at most ``limit`` of them, per domain.
+
+    Pure apart from the clock. A key sent twice within the window is kept twice
+    (and counted twice against ``limit``); :meth:`keys` gives it once.
+    """
+
+    def __init__(self, clock: IReactorTime, window: float, limit: int) -> None:
+        self._clock = clock
+        self.window = window
+        self.limit = limit
+        #: domain -> seconds, oldest first
+        self._domains: dict[str, deque[_Second]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        """Keys held now (duplicates included)."""
+        self._expire()
+        return self._count
+
+    def add(self, domain: str, key: str) -> None:
+        """Remember ``key`` (a valid key in base64) as acknowledged now for ``domain``."""
+        if self.window <= 0 or self.limit <= 0:
+            return
+        raw = base64.b64decode(key)
+        if len(raw) != KEY_BYTES:
+            return
+        second = int(self._clock.seconds())
+        seconds = self._domains.setdefault(domain, deque())
+        if not seconds or seconds[-1].second != second:
+            seconds.append(_Second(second))
+        seconds[-1].keys += raw
+        self._count += 1
+        self._expire()
+        while self._count > self.limit:
+            self._drop_oldest(self._count - self.limit)
+
+    def keys(self, domain: str) -> list[str]:
+        """``domain``'s keys within the window, each once, oldest first."""
+        return list(distinct_keys(self.packed(domain)))
+
+    def packed(self, domain: str) -> bytes:
+        """``domain``'s keys within the window, 32 bytes each, oldest first (repeats included).
+
+        One copy (about 3 MB for 100,000 keys); a replay encodes the keys one by one as it
+        hands them over, so it never holds the reactor for long.
+        """
+        self._expire()
+        return b"".join(entry.keys for entry in self._domains.get(domain, ()))
+
+    def _expire(self) -> None:
+        # A key acknowledged at t is kept while now - t < window; with whole seconds
+        # stored, that is rounded so that no key leaves before its window is over.
+        oldest = self._clock.seconds() - self.window
+        for domain, seconds in list(self._domains.items()):
+            while seconds and seconds[0].second + 1 <= oldest:
+                self._count -= len(seconds.popleft())
+            if not seconds:
+                del self._domains[domain]
+
+    def _drop_oldest(self, excess: int) -> None:
+        """Forget up to ``excess`` keys of the oldest second over all domains."""
+        domain, seconds = min(self._domains.items(), key=lambda item: item[1][0].second)
+        first = seconds[0]
+        n = min(excess, len(first))
+        del first.keys[: n * KEY_BYTES]
+        self._count -= n
+        if not first.keys:
+            seconds.popleft()
+            if not seconds:
+                del self._domains[domain]
+
+
+def distinct_keys(packed: bytes) -> Iterator[str]:
+    """The keys packed in ``packed``, in base64, each the first time it occurs."""
+    seen: set[bytes] = set()
+    for offset in range(0, len(packed), KEY_BYTES):
+        raw = packed[offset : offset + KEY_BYTES]
+        if raw not in seen:
+            seen.add(raw)
+            yield base64.b64encode(raw).decode("ascii")
+
+
+class RecordingBus:
+    """A :class:`~wgkex.bus.Bus` that remembers each key once the MQTT server acknowledged it.
+
+    The key exchange publishes through it; nothing else changes. Only key
+    topics (``wireguard/{domain}/all``) are remembered.
+    """
+
+    def __init__(self, bus: Bus, recent: RecentKeys) -> None:
+        self._bus = bus
+        self._recent = recent
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]:
+        d = self._bus.publish(topic, payload, qos, retain)
+        parts = topic.split("/")
+        if len(parts) == 3 and parts[0] == "wireguard" and parts[2] == "all":
+            text = payload.decode("ascii") if isinstance(payload, bytes) else payload
+            recent, domain = self._recent, parts[1]
+
+            def acknowledged(result: None) -> None:
+                recent.add(domain, text)
+                return result
+
+            d.addCallback(acknowledged)
+        return d
+
+    @property
+    def connected(self) -> bool:
+        return self._bus.connected
+
+    @property
+    def reconnects(self) -> int:
+        return self._bus.reconnects
+
+    @property
+    def pending(self) -> int:
+        return self._bus.pending
+
+    def subscribe(self, topic_filter: str, qos: int, callback: MessageCallback) -> None:
+        self._bus.subscribe(topic_filter, qos, callback)
+
+    def add_connect_callback(self, cb: Callable[[], None]) -> None:
+        self._bus.add_connect_callback(cb)
+
+    def add_disconnect_callback(self, cb: Callable[[], None]) -> None:
+        self._bus.add_disconnect_callback(cb)
