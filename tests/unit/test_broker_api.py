@@ -9,7 +9,7 @@ from typing import Any, cast
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_broker_fakes import GLUON_HEADERS, GW_KEY, GW_KEY2, KEY, KEY2, QUEUE_LIMIT, Broker
+from tests.support.broker_fakes import GLUON_HEADERS, GW_KEY, GW_KEY2, KEY, KEY2, QUEUE_LIMIT, Broker
 from wgkex.broker.keylists import KeyLists, parse_key_list
 
 BASE = "http://broker.example"

@@ -258,7 +258,7 @@ class FairReplacementTests(SynchronousTestCase):
 class ConnectionMetricsTests(SynchronousTestCase):
     def test_cuts_are_counted_in_metrics(self) -> None:
         """/metrics shows open connections and those closed by the per-address cap and the request deadline."""
-        from tests.unit.test_broker_fakes import make_config
+        from tests.support.broker_fakes import make_config
         from wgkex.broker.service import build_broker
 
         reactor: Any = MemoryReactorClock()
@@ -281,7 +281,7 @@ class ConnectionMetricsTests(SynchronousTestCase):
 class SiteSettingsTests(SynchronousTestCase):
     def test_config_reaches_the_site(self) -> None:
         """broker.request_timeout, idle_timeout and the connection caps reach the running site."""
-        from tests.unit.test_broker_fakes import make_config
+        from tests.support.broker_fakes import make_config
         from wgkex.broker.service import build_broker, connection_limit
 
         reactor: Any = MemoryReactorClock()

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.unit.test_broker_api import V1, V2, ApiCase, body
 from tests.support.bus import FakeBus
 from tests.support.memory import deep_size
-from tests.unit.test_broker_fakes import endpoint_data
+from tests.support.broker_fakes import endpoint_data
 from wgkex.broker.charts import nice_ceiling
 from wgkex.broker.history import MINUTES, AlsoTo, History
 from wgkex.broker.status import render_html, snapshot

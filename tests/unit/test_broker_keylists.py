@@ -11,7 +11,7 @@ from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent, globalLo
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tests.unit.test_broker_fakes import KEY, KEY2
+from tests.support.broker_fakes import KEY, KEY2
 from wgkex.broker.keylists import KeyLists, KeyListService, ListUnreadable, parse_key_list, read_key_list
 
 KEY3 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_broker_fakes import GW_KEY, GW_KEY2, KEY, KEY2, Broker
+from tests.support.broker_fakes import GW_KEY, GW_KEY2, KEY, KEY2, Broker
 from wgkex.keys import is_valid_public_key
 
 PATHS = ["/api/v1/wg/key/exchange", "/api/v2/wg/key/exchange"]

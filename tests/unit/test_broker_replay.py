@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from tests.support.bus import FakeBus
 from tests.support.reactors import ThreadedMemoryReactor
-from tests.unit.test_broker_fakes import GLUON_HEADERS, endpoint_data, make_config
+from tests.support.broker_fakes import GLUON_HEADERS, endpoint_data, make_config
 from tests.unit.test_broker_service import FakeMqtt
 from wgkex.broker.recent import RecentKeys, RecordingBus
 from wgkex.broker.replay import REPLAY_IN_FLIGHT, REPLAY_RETRY, Replayer

@@ -7,7 +7,7 @@ from collections import Counter
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_broker_fakes import endpoint_data
+from tests.support.broker_fakes import endpoint_data
 from wgkex.broker.selection import Candidate, assess, choose
 from wgkex.broker.workers import WorkerPicture
 

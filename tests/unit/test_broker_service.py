@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.bus import FakeBus
 from tests.support.reactors import ThreadedMemoryReactor
-from tests.unit.test_broker_fakes import QUEUE_LIMIT, make_config
+from tests.support.broker_fakes import QUEUE_LIMIT, make_config
 from wgkex import listen as listen_module
 from wgkex.broker.service import Broker, build_broker, too_large_counter, with_backlog
 from wgkex.listen import ListenService

@@ -7,7 +7,7 @@ import re
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_broker_fakes import endpoint_data
+from tests.support.broker_fakes import endpoint_data
 from wgkex.broker.status import render_html, snapshot
 from wgkex.broker.workers import WorkerPicture
 

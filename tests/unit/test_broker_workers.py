@@ -12,7 +12,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.bus import FakeBus
-from tests.unit.test_broker_fakes import GW_KEY, Broker, endpoint_data
+from tests.support.broker_fakes import GW_KEY, Broker, endpoint_data
 from tests.unit.test_contract import data_with as contract_data_with
 from wgkex import contract
 from wgkex.broker.workers import Endpoint, Refused, WorkerPicture, WorkerTracker

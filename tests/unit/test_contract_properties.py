@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_broker_fakes import Broker
+from tests.support.broker_fakes import Broker
 from wgkex import contract
 from wgkex.contract import Endpoint, Refused
 from wgkex.keys import key_problem

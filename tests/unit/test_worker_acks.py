@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_worker_fakes import KEY_A, KEY_B, FakeKernel, ManualPool, backends_for, make_config
+from tests.support.worker_fakes import KEY_A, KEY_B, FakeKernel, ManualPool, backends_for, make_config
 from wgkex.bus import Redeliver
 from wgkex.worker.domains import domain_interfaces
 from wgkex.worker.known import KnownKeys

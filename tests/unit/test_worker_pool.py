@@ -2,7 +2,7 @@
 
 A fake ThreadPool runs each job at once but records it, so the tests see what
 ran "in the thread" and in which order; a fake reactor's ``callFromThread``
-calls straight back; a :class:`~tests.unit.test_worker_fakes.LazyExecutor`
+calls straight back; a :class:`~tests.support.worker_fakes.LazyExecutor`
 stands in for the WireGuard thread. One test runs the apply pipeline on real
 threads, to show that peers and rtnetlink work really overlap.
 """
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_worker_fakes import FakeKernel, FakeRtnl, FakeWireGuard, LazyExecutor, key
+from tests.support.worker_fakes import FakeKernel, FakeRtnl, FakeWireGuard, LazyExecutor, key
 from wgkex.worker.backend import InterfaceMissing
 from wgkex.worker.apply import apply_domain
 from wgkex.worker.domains import Interfaces

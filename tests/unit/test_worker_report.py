@@ -10,7 +10,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.bus import FakeBus
-from tests.unit.test_worker_fakes import (
+from tests.support.worker_fakes import (
     GATEWAY_KEY,
     KEY_A,
     KEY_B,

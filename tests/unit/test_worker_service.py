@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from tests.support.bus import FakeBus
 from tests.support.reactors import ThreadedMemoryReactor
-from tests.unit.test_worker_fakes import (
+from tests.support.worker_fakes import (
     GATEWAY_KEY,
     KEY_A,
     KEY_B,

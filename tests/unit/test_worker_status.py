@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.bus import FakeBus
 from tests.support.reactors import ThreadedMemoryReactor
-from tests.unit.test_worker_fakes import KEY_A, KEY_B, FakeKernel, backends_for, key, make_config
+from tests.support.worker_fakes import KEY_A, KEY_B, FakeKernel, backends_for, key, make_config
 from tests.unit.test_worker_service import START, FakePort, SyncPoolService
 from wgkex.keys import lladdr
 from wgkex.worker.http import status_site

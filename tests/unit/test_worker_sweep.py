@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_worker_fakes import (
+from tests.support.worker_fakes import (
     KEY_A,
     KEY_B,
     FakeKernel,
