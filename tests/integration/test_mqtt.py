@@ -37,7 +37,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.support.mosquitto import Mosquitto, free_port, start_mosquitto
 from tests.support.skips import need_mosquitto
-from tests.unit.test_mqtt import (
+from tests.support.mqtt_fakes import (
     CONNECT, DISCONNECT, SUBSCRIBE, connack, observe_logs, publish_packet, split_packets, suback,
 )
 from wgkex.config import MqttConfig

@@ -2,7 +2,7 @@
 
 The pure queue (:class:`wgkex.mqtt.acks.Acknowledgements`) first, then the
 real service with a real paho client against the hand-written MQTT server of
-:mod:`tests.unit.test_mqtt`: what a subscriber's Deferred means for the
+:mod:`tests.support.mqtt_fakes`: what a subscriber's Deferred means for the
 PUBACKs on the wire, across a lost connection too.
 """
 
@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_mqtt import PUBACK, PUBLISH, MqttTestCase, Packet, ServerConnection, publish_packet
+from tests.support.mqtt_fakes import PUBACK, PUBLISH, MqttTestCase, Packet, ServerConnection, publish_packet
 from wgkex.bus import Redeliver
 from wgkex.mqtt.acks import Acknowledgements
 

@@ -1,6 +1,6 @@
 """Several MQTT servers (``mqtt.servers``): the configuration, and failing over between them.
 
-The failover tests drive the real service the way ``tests/unit/test_mqtt.py``
+The failover tests drive the real service the way ``tests/unit/test_mqtt_*.py``
 does (a ``MemoryReactorClock``, a synchronous connect pool, MQTT spoken by hand
 on unix sockets), with two such servers.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_mqtt import CONNECT, FakeServer, MqttTestCase, connack, puback
+from tests.support.mqtt_fakes import CONNECT, FakeServer, MqttTestCase, connack, puback
 from wgkex.config import ConfigError, MqttConfig, parse_config
 from wgkex.mqtt import describe_server
 from wgkex.mqtt.servers import ServerList
