@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support.bus import FakeBus
 from tests.support.reactors import ThreadedMemoryReactor
 from tests.support.worker_fakes import KEY_A, KEY_B, FakeKernel, backends_for, key, make_config
-from tests.unit.test_worker_service import START, FakePort, SyncPoolService
+from tests.support.worker_tree import START, FakePort, SyncPoolService
 from wgkex.keys import lladdr
 from wgkex.worker.http import status_site
 from wgkex.worker.service import build_worker
