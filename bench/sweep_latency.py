@@ -16,8 +16,17 @@ netlink monitor inside the namespace (this file with ``--monitor``) stamps
 when the key's /128 route and its FDB entry appear. A key's latency is from
 its publish to the later of the two (the worker adds the peer before either).
 
-Prints one JSON line: p50/p99/max of the latency, keys that never arrived,
-how many sweeps ran and for what share of the time a sweep was running.
+Prints one JSON line: p50/p99/max of the latency (of all keys, and of the
+keys published while a sweep ran, from the sweeps the worker's
+``/api/v1/status`` reports), keys that never arrived, how many sweeps ran and
+for what share of the time a sweep was running; where a key's time went (to
+the daemon, waiting there for the device, from its peer to its route and FDB
+entry, from the fake daemon's request log) and how many keys arrived while a
+dump held the device.
+
+The worker paces sweeps after long dumps (``wgkex.worker.sweep.MAX_DUMP_SHARE``):
+at 100,000 peers about one per minute, however short ``cleanup_interval`` is,
+so ``--duration`` should span a few minutes.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from worker_reactor import DOMAIN, Bench, percentile  # noqa: E402
+from worker_reactor import DOMAIN, STATUS_PORT, Bench, percentile  # noqa: E402
 
 _ROUTE_PREFIX = 128
 _NETLINK_ROUTE = 0
@@ -99,6 +108,35 @@ def _attr(data: bytes, start: int, end: int, wanted: int) -> bytes | None:
     return None
 
 
+class Sweeps(threading.Thread):
+    """Polls the worker's /api/v1/status: (start, seconds) of every sweep that finished meanwhile."""
+
+    def __init__(self, netns: str, port: int) -> None:
+        super().__init__(name="sweeps", daemon=True)
+        from tests.support.worker_probe import StatusClient
+
+        self.client = StatusClient(netns, port)
+        self.seen: dict[float, float] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                status = json.loads(self.client.get("/api/v1/status"))
+            except (OSError, RuntimeError, ValueError):
+                continue
+            for domain in status.get("domains", {}).values():
+                last = domain.get("last_sweep")
+                if last:
+                    self.seen[float(last["at"])] = float(last["seconds"])
+
+    def stop(self) -> list[tuple[float, float]]:
+        self.done.set()
+        self.join(10)
+        self.client.close()
+        return sorted((at, at + seconds) for at, seconds in self.seen.items())
+
+
 class Installed:
     """Reads the monitor's lines: first time each address got its route and its FDB entry."""
 
@@ -148,6 +186,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         stdout=subprocess.PIPE, text=True,
     )
     installed = Installed(proc)
+    sweeps = Sweeps(bench.ns.name, STATUS_PORT)
+    sweeps.start()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sweep-latency-{bench.id}")
     client.connect("127.0.0.1", bench.mqtt.port)
     client.loop_start()
@@ -175,6 +215,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         client.disconnect()
         proc.terminate()
         proc.wait(10)
+        windows = sweeps.stop()
     # The fake daemon's request log: "get|set ARRIVED WAITED HELD FIRST" (see worker_reactor.FakeDaemon).
     gets: list[tuple[float, float]] = []  # (start, end) of every dump with the device held
     sets: dict[str, tuple[float, float, float]] = {}  # first key's hex prefix -> (arrived, waited, held)
@@ -189,6 +230,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             elif kind == "set":
                 sets.setdefault(first, (arrived, waited, held))
     latencies = []
+    during_sweep = []  # keys published while a sweep ran (from its dump to its last removal)
     quiet = []  # keys whose set did not arrive while a dump held the device
     to_daemon, daemon_wait, after_peer = [], [], []
     behind_dump = 0
@@ -199,6 +241,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             missing += 1
             continue
         latencies.append((at - when) * 1000)
+        if any(start <= when <= end for start, end in windows):
+            during_sweep.append(latencies[-1])
         entry = sets.get(base64.b64decode(key).hex()[:16])
         if entry is None:
             continue
@@ -242,6 +286,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "parts_ms": {"to_daemon": spread(to_daemon), "daemon_wait": spread(daemon_wait),
                      "peer_to_installed": spread(after_peer)},
         "keys_arriving_during_a_dump": behind_dump,
+        "keys_published_during_a_sweep": len(during_sweep),
+        "latency_ms_during_sweeps": spread(during_sweep),
         "latency_ms_other_keys": spread(quiet),
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
@@ -251,7 +297,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=100_000)
     parser.add_argument("--fdb", type=int, default=None, help="FDB entries to install (default: one per peer)")
-    parser.add_argument("--duration", type=float, default=40.0, help="seconds of publishing keys")
+    parser.add_argument("--duration", type=float, default=180.0, help="seconds of publishing keys")
     parser.add_argument("--gap", type=float, default=0.25, help="mean seconds between two keys")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the last keys")
     parser.add_argument("--stale-fraction", type=float, default=0.01)

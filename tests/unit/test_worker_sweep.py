@@ -192,6 +192,54 @@ class SweeperTests(SynchronousTestCase):
         sweeper.sweep()
         self.assertEqual(pool.jobs(), ["find_stale"])
 
+    def slow_dumps(self, seconds: float) -> list[float]:
+        """The fake device's dumps take ``seconds`` of a fake monotonic clock; returns that clock (one value)."""
+        now = [0.0]
+        peers = self.wg.peers
+
+        def slow(iface: str) -> list[PeerInfo]:
+            now[0] += seconds
+            return peers(iface)
+
+        self.wg.peers = slow  # type: ignore[method-assign]
+        return now
+
+    def test_long_dump_paces_the_next_sweep(self) -> None:
+        """After a sweep whose dump held the device 0.6 s, the next sweep waits 60 s (dumps at most 1 % of the time)."""
+        now = self.slow_dumps(0.6)
+        config = make_config(cleanup_interval=1)
+        sweeper = Sweeper(config, domain_interfaces(config), self.pool, self.known, self.metrics, self.clock,
+                          monotonic=lambda: now[0])
+        with capturedLogs() as events:
+            self.successResultOf(sweeper.sweep())
+        self.assertIn("Next sweep in 60 s rather than 1 s", " ".join(e["log_format"].format(**e) for e in events))
+        self.pool.jobs.clear()
+        now[0] = 59.0
+        self.assertEqual(self.successResultOf(sweeper.sweep()), {})
+        self.assertEqual(self.pool.jobs, [])
+        now[0] = 60.1
+        self.successResultOf(sweeper.sweep())
+        self.assertEqual(self.pool.jobs, ["find_stale"])
+
+    def test_kernel_backend_never_paces(self) -> None:
+        """With wireguard_backend kernel (chunked dumps, keys go in between) long dumps do not pace sweeps."""
+        now = self.slow_dumps(0.6)
+        config = make_config(cleanup_interval=1, wireguard_backend="kernel")
+        sweeper = Sweeper(config, domain_interfaces(config), self.pool, self.known, self.metrics, self.clock,
+                          monotonic=lambda: now[0])
+        for _ in range(3):
+            self.successResultOf(sweeper.sweep())
+        self.assertEqual(self.pool.jobs, ["find_stale"] * 3)
+
+    def test_short_dumps_never_pace(self) -> None:
+        """Dumps of 150 ms leave back-to-back sweeps alone."""
+        now = self.slow_dumps(0.15)
+        sweeper = Sweeper(self.config, domain_interfaces(self.config), self.pool, self.known, self.metrics, self.clock,
+                          monotonic=lambda: now[0])
+        for _ in range(3):
+            self.successResultOf(sweeper.sweep())
+        self.assertEqual(self.pool.jobs, ["find_stale"] * 3)
+
     def test_dumps_read_with_gc_paused(self) -> None:
         """The sweep's dump and the start-up dump hold whole dumps with the garbage collector off, and turn it on again."""
         self.kernel.peers["wg-welt"][KEY_A] = PeerInfo(KEY_A, START - 2 * TIMEOUT, ("fe80::1/128",))

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -91,12 +91,29 @@ def stale_keys(
 #: kernel's device lock) and rtnetlink are held at most that long at a time.
 SWEEP_CHUNK = 256
 
+#: Sweeps hold a WireGuard device with whole dumps at most this share of the time: after a
+#: dump that took ``d`` seconds, the next sweep starts no sooner than ``d / MAX_DUMP_SHARE``
+#: after this one began, however short ``cleanup_interval`` is. A userspace daemon answers a
+#: dump in one piece with its device locked (wireguard-go: 0.5-0.7 s for 65,530 peers,
+#: ``bench/uapi_dump_lock.py``), and a new key's peer waits for it: so at most about 1 % of
+#: new keys arrive during a sweep's dump. Not with ``wireguard_backend: kernel``: the kernel
+#: dumps in netlink chunks and holds the device for one chunk at a time, so keys go in
+#: between. (``auto`` paces: it may be talking to a daemon.)
+MAX_DUMP_SHARE = 0.01
+#: Dumps shorter than this never pace sweeps: a key waiting that long now and then is of no
+#: concern, and a dump of a few peers that took long only because the machine was busy must not
+#: hold short test sweeps back for many seconds.
+PACED_DUMP = 0.2
+
 
 @dataclass
 class DomainSweep:
     """The outcome of sweeping one domain."""
 
     peers: int = 0
+    #: How long the dump took (seconds, reading and parsing it): at least as long as the
+    #: device was held for it.
+    dump_seconds: float = 0.0
     #: Decided stale by the dump (the removal jobs may spare some).
     stale: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -117,12 +134,14 @@ def find_stale(
     keep: frozenset[str],
     now: float,
     timeout: float,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> dict[str, DomainSweep]:
     """Housekeeping lane: dump each interface and decide which of its peers are stale (``DomainSweep.stale``)."""
     results: dict[str, DomainSweep] = {}
     for domain, ifaces in interfaces.items():
         result = results[domain] = DomainSweep()
         with backends.gc_pause:  # a dump of 100,000 peers: see wgkex.worker.pool.GcPause
+            began = monotonic()
             try:
                 peers = backends.wireguard.peers(ifaces.wg)
             except InterfaceMissing:
@@ -131,6 +150,7 @@ def find_stale(
             except Exception as exc:
                 result.error = f"dumping the peers of {ifaces.wg} failed: {type(exc).__name__}: {exc}"
                 continue
+            result.dump_seconds = monotonic() - began
             result.peers = len(peers)
             result.stale, result.unseen = stale_keys(peers, first_seen.get(domain, {}), keep, now, timeout)
             del peers
@@ -196,6 +216,8 @@ class Sweeper:
         self._interfaces = interfaces
         self._keep = config.worker.keep_keys
         self._timeout = config.worker.peer_timeout
+        self._cleanup_interval = config.worker.cleanup_interval
+        self._paced = config.worker.wireguard_backend != "kernel"
         self._lane = lane
         self._known = known
         self._metrics = metrics
@@ -205,6 +227,8 @@ class Sweeper:
         self._monotonic = monotonic
         self._running: Deferred[dict[str, DomainSweep]] | None = None
         self._stopping = False
+        #: No sweep starts before this (monotonic) time: see MAX_DUMP_SHARE.
+        self._paced_until = 0.0
         #: The last sweep that finished: (clock time it started, seconds, outcome per domain).
         self.last_sweep: tuple[float, float, dict[str, DomainSweep]] | None = None
 
@@ -228,13 +252,17 @@ class Sweeper:
         return d
 
     def sweep(self) -> Deferred[dict[str, DomainSweep]]:
-        """Run one sweep now (or return the one already running)."""
+        """Run one sweep now (or return the one already running; or nothing, see :data:`MAX_DUMP_SHARE`)."""
         if self._running is not None:
             return self._running
-        now = self._clock.seconds()
         started = self._monotonic()
+        if started < self._paced_until:
+            return succeed({})
+        now = self._clock.seconds()
         snapshot = self._known.snapshot()
-        d = self._lane.run(find_stale, self._interfaces, snapshot, self._keep, now, self._timeout)
+        d = self._lane.run(
+            find_stale, self._interfaces, snapshot, self._keep, now, self._timeout, self._monotonic
+        )
         d.addCallback(self._remove)
         d.addCallbacks(self._done, self._failed, callbackArgs=(now, started))
         self._running = d
@@ -287,7 +315,25 @@ class Sweeper:
             if lost:
                 self._reapply(domain, lost)
 
+    def _pace(self, results: Mapping[str, DomainSweep], started: float) -> None:
+        """Hold the next sweep back after a long dump (:data:`MAX_DUMP_SHARE`)."""
+        longest = max(results.values(), key=lambda r: r.dump_seconds, default=None)
+        if not self._paced or longest is None or longest.dump_seconds < PACED_DUMP:
+            return
+        gap = longest.dump_seconds / MAX_DUMP_SHARE
+        self._paced_until = started + gap
+        if gap > self._cleanup_interval:
+            self.log.info(
+                "Next sweep in {gap:.0f} s rather than {interval:g} s: dumping {peers} peers held the"
+                " WireGuard device {seconds:.2f} s, and new keys wait for that",
+                gap=gap,
+                interval=self._cleanup_interval,
+                peers=longest.peers,
+                seconds=longest.dump_seconds,
+            )
+
     def _done(self, results: dict[str, DomainSweep], now: float, started: float) -> dict[str, DomainSweep]:
+        self._pace(results, started)
         self._metrics.sweep_seconds.observe(self._monotonic() - started)
         self.last_sweep = (now, self._monotonic() - started, results)
         self._known.sweep_done(
