@@ -235,18 +235,23 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     to_daemon, daemon_wait, after_peer = [], [], []
     behind_dump = 0
     missing = 0
+    keyed: list[dict[str, Any]] = []  # every installed key, for the slowest ones
     for address, when, key in published:
         at = installed.at(address)
         if at is None:
             missing += 1
             continue
         latencies.append((at - when) * 1000)
-        if any(start <= when <= end for start, end in windows):
+        in_sweep = any(start <= when <= end for start, end in windows)
+        if in_sweep:
             during_sweep.append(latencies[-1])
         entry = sets.get(base64.b64decode(key).hex()[:16])
+        keyed.append({"published": round(when, 2), "ms": round(latencies[-1], 1), "in_sweep": in_sweep})
         if entry is None:
             continue
         arrived, waited, held = entry
+        keyed[-1].update(to_daemon_ms=round((arrived - when) * 1000, 1), daemon_wait_ms=round(waited * 1000, 1),
+                         peer_to_installed_ms=round((at - arrived - waited - held) * 1000, 1))
         to_daemon.append((arrived - when) * 1000)
         daemon_wait.append(waited * 1000)
         after_peer.append((at - arrived - waited - held) * 1000)
@@ -273,6 +278,10 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms": round(percentile(latencies, 99), 1) if latencies else None,
         "max_ms": round(max(latencies), 1) if latencies else None,
         "slowest_ms": sorted((round(v, 1) for v in latencies), reverse=True)[:5],
+        "slowest_keys": sorted(keyed, key=lambda k: -k["ms"])[:8],
+        "sweep_windows": [[round(a, 2), round(b, 2)] for a, b in windows],
+        "dump_windows": [[round(a, 2), round(b, 2)] for a, b in gets
+                         if published and published[0][1] <= b and a <= published[-1][1]],
         "sweeps": int(sweeps),
         "mean_sweep_seconds": round(sweep_time / sweeps, 3) if sweeps else None,
         "share_of_time_sweeping": round(sweep_time / elapsed, 2),
