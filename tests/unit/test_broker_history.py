@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_broker_api import V1, V2, ApiCase, body
+from tests.support.broker_api_case import V1, V2, ApiCase, body
 from tests.support.bus import FakeBus
 from tests.support.memory import deep_size
 from tests.support.broker_fakes import endpoint_data
