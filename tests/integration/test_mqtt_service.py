@@ -1,150 +1,47 @@
-"""MqttService against a real mosquitto on the real reactor.
+"""MqttService against a real mosquitto on the real reactor: failover, restarts, wills, sessions, transports, keepalive.
 
 Each test starts its own mosquitto on a free 127.0.0.1 port. Where a test must
 cut one client's connection without touching the server, the service talks to
-mosquitto through :class:`CuttableProxy`, a port forwarder in the test that can
-abort its connections (both directions reset, no DISCONNECT) and stop or resume
-listening. Independent observers are plain paho clients on their own network
-thread (:class:`PahoWatcher`). Waiting is by polling with deadlines, never sleeps.
+mosquitto through :class:`~tests.support.mqtt_live.CuttableProxy`; independent
+observers are plain paho clients (:class:`~tests.support.mqtt_live.PahoWatcher`).
+Waiting is by polling with deadlines, never sleeps.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
-import socket
-import ssl
-import subprocess
 import tempfile
-import threading
-import uuid
-from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import connectionDone
-from twisted.internet.task import deferLater
+from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.protocols.portforward import ProxyFactory, ProxyServer
 from twisted.trial.unittest import TestCase
 
 from tests.support.mosquitto import Mosquitto, free_port, start_mosquitto
+from tests.support.mqtt_fakes import observe_logs
+from tests.support.mqtt_live import CuttableProxy, PahoWatcher, deferred_test, unique, until
 from tests.support.skips import need_mosquitto
-from tests.support.mqtt_fakes import (
-    CONNECT, DISCONNECT, SUBSCRIBE, connack, observe_logs, publish_packet, split_packets, suback,
-)
 from wgkex.config import MqttConfig
 from wgkex.mqtt import MqttService, Will
+
 
 reactor: Any = _reactor
 
 
-def deferred_test(f: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Deferred[None]]:
-    """Let trial run an ``async def`` test method."""
+class _WebsocketMosquitto(Mosquitto):
+    """mosquitto with an extra websockets listener on ``ws_port``."""
 
-    @functools.wraps(f)
-    def wrapper(self: TestCase) -> Deferred[None]:
-        return Deferred.fromCoroutine(f(self))
+    def __init__(self) -> None:
+        super().__init__()
+        self.ws_port = free_port()
 
-    return wrapper
-
-
-async def until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` on the reactor until it is true; fail after ``timeout`` seconds."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-class _TrackedProxyServer(ProxyServer):
-    noisy = False
-
-    def connectionMade(self) -> None:
-        self.factory.live.add(self)  # type: ignore[attr-defined]
-        super().connectionMade()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.factory.live.discard(self)  # type: ignore[attr-defined]
-        super().connectionLost(reason)
-
-
-class CuttableProxy:
-    """A TCP forwarder to mosquitto whose connections the test can cut like a failing network."""
-
-    def __init__(self, testcase: TestCase, target_port: int) -> None:
-        self.factory = ProxyFactory("127.0.0.1", target_port)
-        self.factory.protocol = _TrackedProxyServer
-        self.factory.noisy = False
-        self.factory.live = set()  # type: ignore[attr-defined]
-        self.listening: IListeningPort | None = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        assert self.listening is not None
-        self.port: int = self.listening.getHost().port
-        testcase.addCleanup(self.close)
-
-    def cut(self) -> int:
-        """Abort every forwarded connection, both sides, without a goodbye; return how many."""
-        live = list(self.factory.live)  # type: ignore[attr-defined]
-        for server in live:
-            if server.peer is not None:
-                server.peer.transport.abortConnection()
-            server.transport.abortConnection()
-        return len(live)
-
-    def freeze(self) -> None:
-        """Make every forwarded connection go silent, like a dead NAT entry: nothing is relayed,
-        nothing is closed, neither side hears from the other again."""
-        for server in list(self.factory.live):  # type: ignore[attr-defined]
-            client, server.peer = server.peer, None
-            server.transport.pauseProducing()
-            if client is not None:
-                client.peer = None
-                client.transport.pauseProducing()
-
-    async def close(self) -> None:
-        """Stop accepting and cut what is open (the client's reconnects are refused)."""
-        self.cut()
-        if self.listening is not None:
-            port, self.listening = self.listening, None
-            await maybeDeferred(port.stopListening)
-
-    def resume(self) -> None:
-        """Accept connections again, on the same port."""
-        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
-
-
-class PahoWatcher:
-    """An independent subscriber: a plain paho client with its own network thread."""
-
-    def __init__(self, testcase: TestCase, port: int, topic_filter: str) -> None:
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self.subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=unique("watcher"))
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, 1)
-        self.client.on_subscribe = lambda *args: self.subscribed.set()
-        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload), bool(m.retain)))
-        self.client.connect("127.0.0.1", port, keepalive=10)
-        self.client.loop_start()
-        testcase.addCleanup(self.stop)
-
-    def payloads(self) -> list[bytes]:
-        return [payload for _, payload, _ in list(self.messages)]
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+    def write_config(self) -> str:
+        path = super().write_config()
+        with open(path, "a") as f:
+            f.write(f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\n")
+        return path
 
 
 class MqttServiceIntegrationTests(TestCase):
@@ -393,161 +290,3 @@ class MqttServiceIntegrationTests(TestCase):
         return MqttConfig(
             broker_url="127.0.0.1", broker_port=self.broker.port, keepalive=5, reconnect_max_delay=0.5, **kwargs
         )
-
-
-def make_test_certificates(directory: str) -> tuple[str, str, str]:
-    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key) paths."""
-    ca, cakey = os.path.join(directory, "ca.pem"), os.path.join(directory, "ca.key")
-    key, cert = os.path.join(directory, "server.key"), os.path.join(directory, "server.pem")
-    csr, ext = os.path.join(directory, "server.csr"), os.path.join(directory, "ext.cnf")
-    run = functools.partial(subprocess.run, check=True, capture_output=True, cwd=directory)
-    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=wgkex test CA",
-         "-keyout", cakey, "-out", ca])
-    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr])
-    with open(ext, "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1\n")
-    run(["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", cakey, "-CAcreateserial", "-days", "2",
-         "-extfile", ext, "-out", cert])
-    return ca, cert, key
-
-
-class _TlsMosquitto(Mosquitto):
-    """mosquitto with a TLS listener only, using a throwaway CA made with openssl."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ca, cert, key = make_test_certificates(self.dir)
-        self.tls_lines = [f"cafile {self.ca}", f"certfile {cert}", f"keyfile {key}"]
-
-    def write_config(self) -> str:
-        path = super().write_config()
-        with open(path, "a") as f:
-            f.write("\n".join(self.tls_lines) + "\n")
-        return path
-
-
-class _WebsocketMosquitto(Mosquitto):
-    """mosquitto with an extra websockets listener on ``ws_port``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ws_port = free_port()
-
-    def write_config(self) -> str:
-        path = super().write_config()
-        with open(path, "a") as f:
-            f.write(f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\n")
-        return path
-
-
-class OneRecordTlsServer:
-    """A minimal TLS MQTT server (stdlib ssl, one thread) that answers SUBSCRIBE with SUBACK and
-    three PUBLISH packets in a single write, so they arrive in one TLS record."""
-
-    def __init__(self, testcase: TestCase, cert: str, key: str) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(cert, key)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.seen: list[int] = []
-        self.thread = threading.Thread(target=self._serve, name="one-record-tls-server", daemon=True)
-        self.thread.start()
-        testcase.addCleanup(self.close)
-
-    def _serve(self) -> None:
-        try:
-            raw, _ = self.listener.accept()
-        except OSError:
-            return
-        raw.settimeout(15)
-        with self.context.wrap_socket(raw, server_side=True) as tls:
-            buffer = b""
-            while True:
-                try:
-                    data = tls.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                packets, buffer = split_packets(buffer + data)
-                for packet in packets:
-                    self.seen.append(packet.kind)
-                    if packet.kind == CONNECT:
-                        tls.sendall(connack())
-                    elif packet.kind == SUBSCRIBE:
-                        mid, filters = packet.subscribe()
-                        tls.sendall(suback(mid, len(filters)) + b"".join(
-                            publish_packet("wgkex-test/record", f"m{i}".encode()) for i in range(3)))
-                    elif packet.kind == DISCONNECT:
-                        return
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(10)
-
-
-class MqttTlsIntegrationTests(TestCase):
-    skip = need_mosquitto() or (None if shutil.which("openssl") else "needs the openssl command to make test certificates")
-    timeout = 20
-
-    @deferred_test
-    async def test_tls_round_trip_many_messages(self) -> None:
-        """Over TLS with a CA file, a burst of messages all arrive (data buffered inside TLS is read too)."""
-        broker = _TlsMosquitto()
-        self.addCleanup(broker.cleanup)
-        broker.start()
-        service = MqttService(
-            reactor,
-            MqttConfig(broker_url="127.0.0.1", broker_port=broker.port, tls=True, ca_file=broker.ca,
-                       keepalive=5, reconnect_max_delay=0.5),
-        )
-        service.startService()
-        self.addCleanup(service.stopService)
-        got: list[bytes] = []
-        service.subscribe("wgkex-test/tls", 1, lambda t, p, r: got.append(p))
-        await until(lambda: service.connected, "the TLS connect")
-        count = 2000
-        await gatherResults([service.publish("wgkex-test/tls", str(i), qos=1) for i in range(count)])
-        await until(lambda: len(got) >= count, f"{count} messages over TLS")
-        self.assertEqual(got, [str(i).encode() for i in range(count)])
-
-    @deferred_test
-    async def test_tls_messages_sharing_one_record(self) -> None:
-        """Messages that arrive together in one TLS record are all delivered at once, not at the next ping."""
-        directory = tempfile.mkdtemp(prefix="wgkex-tls-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        ca, cert, key = make_test_certificates(directory)
-        server = OneRecordTlsServer(self, cert, key)
-        service = MqttService(
-            reactor,
-            MqttConfig(broker_url="127.0.0.1", broker_port=server.port, tls=True, ca_file=ca,
-                       keepalive=60, reconnect_max_delay=0.5),
-        )
-        got: list[bytes] = []
-        service.subscribe("wgkex-test/record", 0, lambda t, p, r: got.append(p))
-        service.startService()
-        self.addCleanup(service.stopService)
-        await until(lambda: len(got) >= 3, "three messages from one TLS record", timeout=5)
-        self.assertEqual(got, [b"m0", b"m1", b"m2"])
-
-    @deferred_test
-    async def test_tls_wrong_ca_is_refused_and_retried(self) -> None:
-        """A server certificate the CA file does not vouch for is refused; the service keeps retrying."""
-        broker = _TlsMosquitto()
-        self.addCleanup(broker.cleanup)
-        broker.start()
-        other = _TlsMosquitto()  # only its CA is used
-        self.addCleanup(other.cleanup)
-        service = MqttService(
-            reactor,
-            MqttConfig(broker_url="127.0.0.1", broker_port=broker.port, tls=True, ca_file=other.ca,
-                       keepalive=5, reconnect_max_delay=0.2),
-        )
-        events: list[dict[str, Any]] = []
-        observe_logs(service, events.append)
-        service.startService()
-        self.addCleanup(service.stopService)
-        await until(lambda: len([e for e in events if "delay" in e]) >= 3, "three refused attempts")
-        self.assertFalse(service.connected)
-        self.assertIn("CERTIFICATE_VERIFY_FAILED", str([e.get("what") for e in events]))
-
