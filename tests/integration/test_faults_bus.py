@@ -43,7 +43,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.test_broker import GLUON_HEADERS, BrokerProcess, Subscriber, v1_body
+from tests.support.broker_process import GLUON_HEADERS, BrokerProcess, Subscriber, v1_body
 from tests.integration.test_worker import TOPIC, WorkerTestCase, distinct_keys
 from tests.support.mosquitto import Mosquitto, free_port, process_gone, wait_for
 from tests.support.skips import need_mosquitto, need_root_lab

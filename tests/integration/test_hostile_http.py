@@ -27,7 +27,7 @@ from collections.abc import Callable
 from twisted.python import log
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.test_broker import BrokerProcess, Subscriber, fresh_key, read_until_closed, v1_body
+from tests.support.broker_process import BrokerProcess, Subscriber, fresh_key, read_until_closed, v1_body
 from tests.support.mosquitto import start_mosquitto, wait_for
 from tests.support.skips import need_mosquitto
 

@@ -22,7 +22,7 @@ import yaml
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.test_broker import BrokerProcess
+from tests.support.broker_process import BrokerProcess
 from tests.support.mosquitto import free_port, wait_for
 from wgkex.lab.proc import spawn
 

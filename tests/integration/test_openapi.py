@@ -23,7 +23,7 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.test_broker import (
+from tests.support.broker_process import (
     GW_KEY, KEY2, BrokerProcess, fresh_key, publish_retained, v1_body, worker_messages,
 )
 from tests.support.mosquitto import free_port, start_mosquitto, wait_for

@@ -18,7 +18,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.test_broker import (
+from tests.support.broker_process import (
     GW_KEY, GW_KEY2, BrokerProcess, fresh_key, publish_retained, v1_body, worker_messages,
 )
 from tests.support.browser import Element, dump_dom, need_chromium, parse_dom, screenshot
