@@ -44,9 +44,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.broker_process import GLUON_HEADERS, BrokerProcess, Subscriber, v1_body
-from tests.integration.test_worker import TOPIC, WorkerTestCase, distinct_keys
 from tests.support.mosquitto import Mosquitto, free_port, process_gone, wait_for
 from tests.support.skips import need_mosquitto, need_root_lab
+from tests.support.worker_gateway import TOPIC, WorkerTestCase, distinct_keys
 from wgkex.keys import key_problem
 from wgkex.lab.lab import Lab, http_get
 
