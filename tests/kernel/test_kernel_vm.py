@@ -34,6 +34,7 @@ from twisted.python import log
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.kernel import guest_checks as guest
+from tests.kernel import guest_setup as stage
 from tests.support import kernelvm
 from wgkex.keys import lladdr
 
@@ -175,9 +176,9 @@ class KernelBackendTests(SynchronousTestCase):
         """The contract's test vectors land as exactly that peer, /128 route and FDB entry via wg-welt."""
         seen = self.observed("vectors")
         with self.judging(seen):
-            self.assertEqual(seen["peers"], {guest.KEY_A: [f"{LL_A}/128"], guest.KEY_B: [f"{LL_B}/128"]})
+            self.assertEqual(seen["peers"], {stage.KEY_A: [f"{LL_A}/128"], stage.KEY_B: [f"{LL_B}/128"]})
             self.assertEqual(set(seen["routes"]) - {"fe80::/64"}, {f"{LL_A}/128", f"{LL_B}/128"})
-            self.assertEqual(seen["fdb"], sorted([{"dst": LL_A, "via": guest.WG}, {"dst": LL_B, "via": guest.WG}],
+            self.assertEqual(seen["fdb"], sorted([{"dst": LL_A, "via": stage.WG}, {"dst": LL_B, "via": stage.WG}],
                                                  key=lambda e: e["dst"]))
 
     def test_burst_lands_completely(self) -> None:
@@ -188,10 +189,10 @@ class KernelBackendTests(SynchronousTestCase):
             self.assertEqual(seen["missing_count"], 0)
             self.assertEqual(seen["wrong_allowed_ips"], [])
             # The burst, the two vectors and the router's key (the stale key is gone by then).
-            self.assertEqual(seen["wg_peer_count"], guest.BURST + 3)
-            self.assertEqual(seen["fdb_count"], guest.BURST + 3)
-            self.assertEqual(seen["worker_peer_gauge"], guest.BURST + 3)
-            self.assertEqual(seen["wg_peer_count_then"], guest.BURST + 3)
+            self.assertEqual(seen["wg_peer_count"], stage.BURST + 3)
+            self.assertEqual(seen["fdb_count"], stage.BURST + 3)
+            self.assertEqual(seen["worker_peer_gauge"], stage.BURST + 3)
+            self.assertEqual(seen["wg_peer_count_then"], stage.BURST + 3)
 
     def test_connected_peers_follow_handshake(self) -> None:
         """Connected peers go from 0 to 1 when a router's kernel WireGuard shakes hands with the gateway."""
@@ -220,7 +221,7 @@ class KernelBackendTests(SynchronousTestCase):
         with self.judging(seen):
             self.assertTrue(seen["seen_installed"])
             self.assertEqual(seen["stale"], {"allowed_ips": None, "route": False, "fdb_via": []})
-            self.assertEqual(seen["kept"], {"allowed_ips": [f"{LL_B}/128"], "route": True, "fdb_via": [guest.WG]})
+            self.assertEqual(seen["kept"], {"allowed_ips": [f"{LL_B}/128"], "route": True, "fdb_via": [stage.WG]})
             self.assertGreaterEqual(seen["gone_after"], seen["peer_timeout"])
             self.assertGreaterEqual(seen["swept_total"], 1)
 
