@@ -14,9 +14,8 @@ TRIAL_JOBS ?= 2
 HEAVY_TESTS := tests.cluster tests.kernel
 MAIN_TESTS = $(filter-out $(HEAVY_TESTS) tests.support,$(subst /,.,$(patsubst %/__init__.py,%,$(wildcard tests/*/__init__.py))))
 
-# What mypy (strict, setup.cfg) checks. bench/sweep_latency.py joins once its two
-# type errors are fixed (it reuses a loop variable with another type).
-TYPED = wgkex tests $(filter-out bench/sweep_latency.py,$(wildcard bench/*.py))
+# What mypy (strict, setup.cfg) checks.
+TYPED = wgkex tests bench
 
 .PHONY: all deps venv test test-tools browser unit demo lab-up lab-down lab-status bench typecheck clean
 

@@ -50,7 +50,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from worker_reactor import DOMAIN, STATUS_PORT, Bench, percentile  # noqa: E402
+from worker_reactor import DOMAIN, STATUS_PORT, Bench  # noqa: E402
+
+from tests.support.measure import percentile  # noqa: E402
 
 _ROUTE_PREFIX = 128
 _NETLINK_ROUTE = 0
@@ -186,8 +188,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         stdout=subprocess.PIPE, text=True,
     )
     installed = Installed(proc)
-    sweeps = Sweeps(bench.ns.name, STATUS_PORT)
-    sweeps.start()
+    watcher = Sweeps(bench.ns.name, STATUS_PORT)
+    watcher.start()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sweep-latency-{bench.id}")
     client.connect("127.0.0.1", bench.mqtt.port)
     client.loop_start()
@@ -215,7 +217,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         client.disconnect()
         proc.terminate()
         proc.wait(10)
-        windows = sweeps.stop()
+        windows = watcher.stop()
     # The fake daemon's request log: "get|set ARRIVED WAITED HELD FIRST" (see worker_reactor.FakeDaemon).
     gets: list[tuple[float, float]] = []  # (start, end) of every dump with the device held
     sets: dict[str, tuple[float, float, float]] = {}  # first key's hex prefix -> (arrived, waited, held)
