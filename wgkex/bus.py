@@ -74,3 +74,40 @@ class Bus(Protocol):
         Raises :class:`QueueFull` when the queue is full.
         """
         ...
+
+
+class ForwardingBus:
+    """A :class:`Bus` that hands everything to another one; subclasses change one part.
+
+    The broker layers two such views over its MQTT service: one that lets the
+    history see the workers' reports too (:class:`wgkex.broker.history.AlsoTo`)
+    and one that remembers acknowledged keys for replays
+    (:class:`wgkex.broker.recent.RecordingBus`).
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    @property
+    def connected(self) -> bool:
+        return self._bus.connected
+
+    @property
+    def reconnects(self) -> int:
+        return self._bus.reconnects
+
+    @property
+    def pending(self) -> int:
+        return self._bus.pending
+
+    def subscribe(self, topic_filter: str, qos: int, callback: MessageCallback) -> None:
+        self._bus.subscribe(topic_filter, qos, callback)
+
+    def add_connect_callback(self, cb: Callable[[], None]) -> None:
+        self._bus.add_connect_callback(cb)
+
+    def add_disconnect_callback(self, cb: Callable[[], None]) -> None:
+        self._bus.add_disconnect_callback(cb)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]:
+        return self._bus.publish(topic, payload, qos, retain)

@@ -19,13 +19,12 @@ the reactor thread: recording a request is a few list operations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from wgkex.bus import Bus, MessageCallback
+from wgkex.bus import Bus, ForwardingBus, MessageCallback
 from wgkex.contract import Refused, decode_connected_peers, report_topic
 
 #: Minutes of history kept and shown.
@@ -174,7 +173,7 @@ class History:
         return {"minutes": MINUTES, "domains": domains, "no_domain": self._no_domain.minutes(current)}
 
 
-class AlsoTo:
+class AlsoTo(ForwardingBus):
     """A :class:`~wgkex.bus.Bus` that hands one filter's messages to a second callback too.
 
     The worker tracker subscribes through it, so the history sees every metrics
@@ -183,7 +182,7 @@ class AlsoTo:
     """
 
     def __init__(self, bus: Bus, topic_filter: str, also: MessageCallback) -> None:
-        self._bus = bus
+        super().__init__(bus)
         self._filter = topic_filter
         self._also = also
 
@@ -198,24 +197,3 @@ class AlsoTo:
             also(topic, payload, retained)
 
         self._bus.subscribe(topic_filter, qos, both)
-
-    @property
-    def connected(self) -> bool:
-        return self._bus.connected
-
-    @property
-    def reconnects(self) -> int:
-        return self._bus.reconnects
-
-    @property
-    def pending(self) -> int:
-        return self._bus.pending
-
-    def add_connect_callback(self, cb: Callable[[], None]) -> None:
-        self._bus.add_connect_callback(cb)
-
-    def add_disconnect_callback(self, cb: Callable[[], None]) -> None:
-        self._bus.add_disconnect_callback(cb)
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]:
-        return self._bus.publish(topic, payload, qos, retain)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from wgkex.bus import Bus, MessageCallback
+from wgkex.bus import Bus, ForwardingBus
 
 __all__ = ["KEY_BYTES", "RecentKeys", "RecordingBus", "distinct_keys"]
 
@@ -121,7 +121,7 @@ def distinct_keys(packed: bytes) -> Iterator[str]:
             yield base64.b64encode(raw).decode("ascii")
 
 
-class RecordingBus:
+class RecordingBus(ForwardingBus):
     """A :class:`~wgkex.bus.Bus` that remembers each key once the MQTT server acknowledged it.
 
     The key exchange publishes through it; nothing else changes. Only key
@@ -129,7 +129,7 @@ class RecordingBus:
     """
 
     def __init__(self, bus: Bus, recent: RecentKeys) -> None:
-        self._bus = bus
+        super().__init__(bus)
         self._recent = recent
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]:
@@ -145,24 +145,3 @@ class RecordingBus:
 
             d.addCallback(acknowledged)
         return d
-
-    @property
-    def connected(self) -> bool:
-        return self._bus.connected
-
-    @property
-    def reconnects(self) -> int:
-        return self._bus.reconnects
-
-    @property
-    def pending(self) -> int:
-        return self._bus.pending
-
-    def subscribe(self, topic_filter: str, qos: int, callback: MessageCallback) -> None:
-        self._bus.subscribe(topic_filter, qos, callback)
-
-    def add_connect_callback(self, cb: Callable[[], None]) -> None:
-        self._bus.add_connect_callback(cb)
-
-    def add_disconnect_callback(self, cb: Callable[[], None]) -> None:
-        self._bus.add_disconnect_callback(cb)
