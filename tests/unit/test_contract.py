@@ -48,6 +48,13 @@ class TopicTests(SynchronousTestCase):
         self.assertEqual(
             contract.metric_topic("gw1", "ffmuc_welt"), "wireguard-metrics/ffmuc_welt/gw1/connected_peers"
         )
+
+    def test_published_key_domain(self) -> None:
+        """The domain comes back from a key topic; other topics (and other last levels) give None."""
+        self.assertEqual(contract.published_key_domain(contract.key_topic("ffmuc_welt")), "ffmuc_welt")
+        for topic in ("wireguard/ffmuc_welt/other", "wireguard/ffmuc_welt/all/x", "wireguard//all",
+                      "wireguard-worker/gw1/status", contract.data_topic("gw1", "ffmuc_welt")):
+            self.assertIsNone(contract.published_key_domain(topic), topic)
         self.assertEqual(
             contract.REPORT_FILTERS,
             ("wireguard-worker/+/status", "wireguard-worker/+/+/data", "wireguard-metrics/+/+/connected_peers"),

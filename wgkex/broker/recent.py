@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from wgkex.bus import Bus, ForwardingBus
+from wgkex.contract import published_key_domain
 
 __all__ = ["KEY_BYTES", "RecentKeys", "RecordingBus", "distinct_keys"]
 
@@ -134,10 +135,10 @@ class RecordingBus(ForwardingBus):
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> Deferred[None]:
         d = self._bus.publish(topic, payload, qos, retain)
-        parts = topic.split("/")
-        if len(parts) == 3 and parts[0] == "wireguard" and parts[2] == "all":
+        domain = published_key_domain(topic)
+        if domain is not None:
             text = payload.decode("ascii") if isinstance(payload, bytes) else payload
-            recent, domain = self._recent, parts[1]
+            recent = self._recent
 
             def acknowledged(result: None) -> None:
                 recent.add(domain, text)

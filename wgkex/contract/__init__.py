@@ -70,6 +70,7 @@ from wgkex.contract.topics import (
     key_filter,
     key_topic,
     metric_topic,
+    published_key_domain,
     status_topic,
 )
 
@@ -109,6 +110,7 @@ __all__ = [
     "key_domain",
     "key_filter",
     "key_topic",
+    "published_key_domain",
     "link_address_problem",
     "metric_topic",
     "port_problem",

@@ -18,6 +18,15 @@ def key_topic(domain: str) -> str:
     return f"wireguard/{domain}/all"
 
 
+def published_key_domain(topic: str) -> str | None:
+    """The domain of ``topic`` if it is where a broker publishes keys (:func:`key_topic`), else None."""
+    prefix, _, rest = topic.partition("/")
+    domain, _, last = rest.partition("/")
+    if prefix != "wireguard" or last != "all" or not domain:
+        return None
+    return domain
+
+
 def key_filter(domain: str) -> str:
     """What a worker subscribes to for ``domain``'s keys (any last level, as the original)."""
     return f"wireguard/{domain}/+"
