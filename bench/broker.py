@@ -19,7 +19,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from tests.support.measure import cpu_seconds, percentile  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port, wait_for  # noqa: E402
+from tests.support.processes import terminate  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 GW_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -214,13 +214,8 @@ def main() -> None:
     finally:
         if sub is not None:
             sub.close()
-        if broker is not None and broker.poll() is None:
-            broker.send_signal(signal.SIGTERM)
-            try:
-                broker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                broker.wait()
+        if broker is not None:
+            terminate(broker, 15)
         mosquitto.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, ROOT)
 
 from tests.support.measure import cpu_seconds, percentile  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port, wait_for  # noqa: E402
+from tests.support.processes import terminate  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 PIPELINED = 5000
@@ -154,13 +154,7 @@ def main() -> None:
         for s in flooders:
             s.close()
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            terminate(p, 15)
         mosquitto.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 

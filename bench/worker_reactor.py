@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.support import fake_uapi  # noqa: E402
 from tests.support.fake_uapi import peer_key  # noqa: E402
 from tests.support.measure import cpu_seconds, percentile  # noqa: E402
+from tests.support.processes import terminate  # noqa: E402
 from tests.support.worker_probe import StatusClient, file_tail  # noqa: E402
 
 DOMAIN = "ffbench_x"
@@ -207,12 +207,7 @@ class Bench:
         if self.worker is not None:
             self.worker.stop(timeout=20)
         if self.daemon is not None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait(10)
+            terminate(self.daemon, 10)
         if self.ns is not None:
             self.ns.delete()
         self.mqtt.stop()

@@ -21,7 +21,6 @@ import hashlib
 import ipaddress
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import uuid
@@ -29,6 +28,7 @@ import uuid
 from twisted.trial.unittest import TestCase
 
 from tests.support.mosquitto import wait_for
+from tests.support.processes import terminate
 from tests.support.skips import need_root_lab
 from wgkex.keys import lladdr
 from wgkex.worker.backend import InterfaceMissing
@@ -86,13 +86,7 @@ class Namespace:
         if self.daemon is None:
             return
         daemon, self.daemon = self.daemon, None
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait(10)
+        terminate(daemon, 10)
         wait_for(lambda: not self.has_link(WG) and not self.has_link(VX), timeout=10, what="wg-t and vx-t to vanish")
 
     def remove(self) -> None:

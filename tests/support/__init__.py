@@ -15,5 +15,5 @@ Real processes and namespaces, for integration tests and benchmarks:
 ``worker_gateway`` (a namespace with wireguard-go, mosquitto and the real
 worker), ``worker_probe`` (a worker's status listener inside its namespace),
 ``fake_uapi`` (a wireguard-go UAPI with 100,000 peers), ``mqtt_wire`` (MQTT by
-hand), ``measure``, ``browser``, ``skips``.
+hand), ``measure``, ``processes`` (stopping a subprocess of ours), ``browser``, ``skips``.
 """
