@@ -3,22 +3,31 @@
 Starts mosquitto and ``twistd -n wgkex-broker`` on free ports, subscribes to
 ``wireguard/+/all``, then fires ``--requests`` key exchanges with
 ``--concurrency`` clients in flight, each on a fresh TCP connection as routers
-do (chunked, form content type, Gluon headers). Prints one JSON object per API:
-requests/s, latency percentiles, statuses, and how many distinct keys reached
-the subscriber (and how long after the last reply the last one arrived) --
-answered keys are not the same as delivered keys.
+do (chunked, form content type, Gluon headers), from the epoll load generator
+of ``bench/http_load.py``. Prints one JSON object per API: requests/s, latency
+percentiles, statuses, CPU milliseconds per request of the broker and of this
+client (which also runs the MQTT subscriber), the load average, and how many
+distinct keys reached the subscriber (and how long after the last reply the
+last one arrived) -- answered keys are not the same as delivered keys.
 
-    .venv/bin/python bench/broker.py [--requests 20000] [--concurrency 64] [--api v1|v2|both]
+``--control`` first sends the same requests to two control servers: a bare
+twisted.web resource answering a constant JSON body (configured as cheaply as
+the broker's site: no access log, no form parsing, the body in memory) and the
+same answer through a Klein route. Their CPU per request is the floor under
+the broker's: what lies above it is wgkex's own work.
+
+    .venv/bin/python bench/broker.py [--requests 20000] [--concurrency 64] [--api v1|v2|both] [--control]
+                                     [--profile PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +45,8 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from tests.support.measure import cpu_seconds, percentile  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port, wait_for  # noqa: E402
 from tests.support.processes import terminate  # noqa: E402
+
+from http_load import fire, status_of  # noqa: E402  (bench/, next to this file)
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 GW_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -87,43 +98,90 @@ class Subscriber:
         self.client.loop_stop()
 
 
-async def one(port: int, data: bytes, latencies: list[float], statuses: Counter[str]) -> None:
-    start = time.perf_counter()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(data)
-        reply = await reader.read()  # Connection: close -> until EOF
-        writer.close()
-        status = reply[9:12].decode() if reply.startswith(b"HTTP/1.1 ") else "bad"
-    except OSError as exc:
-        status = type(exc).__name__
-    latencies.append(time.perf_counter() - start)
-    statuses[status] += 1
+def control_server(port: int, kind: str) -> None:
+    """A control server: answers every key exchange POST with a constant 200, nothing else.
+
+    ``web``: a bare twisted.web resource, configured as cheaply as the broker's
+    site is (no access log, no form parsing, the body kept in memory rather
+    than in a temporary file) -- the floor any twisted.web broker pays per
+    request. ``klein``: the same answer from a Klein route, for Klein's share.
+    """
+    import io
+
+    from twisted.internet import endpoints, reactor
+    from twisted.web import resource, server
+
+    answer = b'{"Endpoint": {"Address": "gw-a.example", "Port": 51820, "AllowedIPs": ["fe80::1/128"],' \
+             b' "PublicKey": "' + GW_KEY.encode() + b'"}}'
+
+    def reply(request: Any) -> bytes:
+        request.content.read()
+        request.setHeader(b"Content-Type", b"application/json")
+        return answer
+
+    class Quiet(server.Site):
+        def log(self, request: object) -> None:
+            pass
+
+    class InMemory(server.Request):
+        def gotLength(self, length: int | None) -> None:
+            self.content = io.BytesIO()
+
+    root: Any
+    if kind == "klein":
+        from klein import Klein
+
+        app = Klein()
+        app.route("/api/v2/wg/key/exchange", methods=["POST"])(reply)
+        app.route("/api/v1/wg/key/exchange", methods=["POST"])(reply)
+        root = app.resource()
+    else:
+        class Answer(resource.Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                return reply(request)
+
+        root = Answer()
+    endpoints.TCP4ServerEndpoint(reactor, port, backlog=1024, interface="127.0.0.1").listen(
+        Quiet(root, requestFactory=InMemory, parsePOSTFormSubmission=False))
+    reactor.run()
 
 
-async def burst(port: int, requests: list[bytes], concurrency: int) -> tuple[list[float], Counter[str], float]:
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    queue = iter(requests)
-
-    async def client() -> None:
-        for data in queue:
-            await one(port, data, latencies, statuses)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies, statuses, time.perf_counter() - start
+def measure(path: str, http_port: int, keys: list[str], concurrency: int, server_pid: int
+            ) -> tuple[dict[str, Any], Counter[str]]:
+    """Fire one request per key at ``path``; the figures common to the broker and the controls."""
+    requests = [(("127.0.0.1", http_port), request_bytes(path, k, http_port)) for k in keys]
+    cpu_before = cpu_seconds(server_pid)
+    own_before = os.times()
+    load = fire(requests, concurrency)
+    own_after = os.times()
+    cpu = cpu_seconds(server_pid) - cpu_before
+    own = own_after.user + own_after.system - own_before.user - own_before.system
+    statuses = Counter(status_of(r) for r in load.replies)
+    n = len(keys)
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "statuses": dict(statuses),
+        "seconds": round(load.seconds, 3),
+        "requests_per_second": round(n / load.seconds, 1),
+        "latency_ms": {
+            "p50": round(percentile(load.latencies, 50) * 1000, 2),
+            "p99": round(percentile(load.latencies, 99) * 1000, 2),
+            "max": round(max(load.latencies) * 1000, 2),
+        },
+        "server_cpu_ms_per_request": round(cpu * 1000 / n, 3),
+        "client_cpu_ms_per_request": round(own * 1000 / n, 3),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }, statuses
 
 
 def run(api: str, args: argparse.Namespace, http_port: int, sub: Subscriber, salt: int,
         broker_pid: int) -> dict[str, Any]:
-    path = f"/api/{api}/wg/key/exchange"
     keys = [key_for(i, salt) for i in range(args.requests)]
     before = sub.count()
-    requests = [request_bytes(path, k, http_port) for k in keys]
-    cpu_before = cpu_seconds(broker_pid)
-    latencies, statuses, seconds = asyncio.run(burst(http_port, requests, args.concurrency))
-    cpu = cpu_seconds(broker_pid) - cpu_before
+    figures, statuses = measure(f"/api/{api}/wg/key/exchange", http_port, keys, args.concurrency, broker_pid)
     replied = time.monotonic()
     ok = statuses.get("200", 0)
     try:
@@ -131,22 +189,37 @@ def run(api: str, args: argparse.Namespace, http_port: int, sub: Subscriber, sal
     except AssertionError:
         pass
     arrived = sub.count() - before
+    figures["broker_cpu_ms_per_request"] = figures.pop("server_cpu_ms_per_request")
     return {
         "api": api,
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "statuses": dict(statuses),
-        "seconds": round(seconds, 3),
-        "requests_per_second": round(args.requests / seconds, 1),
-        "latency_ms": {
-            "p50": round(percentile(latencies, 50) * 1000, 2),
-            "p99": round(percentile(latencies, 99) * 1000, 2),
-            "max": round(max(latencies) * 1000, 2),
-        },
-        "broker_cpu_ms_per_request": round(cpu * 1000 / args.requests, 3),
+        **figures,
         "keys_arrived": arrived,
         "keys_arrived_within_ms_of_last_reply": round(max(0.0, sub.last_arrival - replied) * 1000, 1),
     }
+
+
+def controls(args: argparse.Namespace) -> None:
+    """The floor: the same requests against the control servers (no MQTT, no wgkex code)."""
+    for kind in ("web", "klein"):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, __file__, "--control-server", str(port), kind])
+        try:
+            def ready() -> bool:
+                if server.poll() is not None:
+                    raise SystemExit(f"control server exited with {server.returncode}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return True
+                except OSError:
+                    return False
+
+            wait_for(ready, 15, what="control server")
+            keys = [key_for(i, 200) for i in range(args.requests)]
+            figures, _ = measure("/api/v2/wg/key/exchange", port, keys, args.concurrency, server.pid)
+            print(json.dumps({"api": f"control: bare {'twisted.web' if kind == 'web' else 'klein'}", **figures}),
+                  flush=True)
+        finally:
+            terminate(server, 15)
 
 
 def main() -> None:
@@ -155,7 +228,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--api", choices=["v1", "v2", "both"], default="both")
     parser.add_argument("--profile", metavar="PATH", help="run the broker under cProfile, stats saved to PATH")
+    parser.add_argument("--control", action="store_true",
+                        help="also measure the control servers (bare twisted.web, bare Klein) with the same client")
+    parser.add_argument("--control-server", nargs=2, metavar=("PORT", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.control_server:
+        return control_server(int(args.control_server[0]), args.control_server[1])
+    if args.control:
+        controls(args)
 
     workdir = tempfile.mkdtemp(prefix="wgkex-bench-")
     mosquitto = Mosquitto(persistence=False)
