@@ -5,8 +5,8 @@ Starts mosquitto and ``twistd -n wgkex-broker`` on free ports, subscribes to
 ``--concurrency`` clients in flight, each on a fresh TCP connection as routers
 do (chunked, form content type, Gluon headers), from the epoll load generator
 of ``bench/http_load.py``. Prints one JSON object per API: requests/s, latency
-percentiles, statuses, CPU milliseconds per request of the broker and of this
-client (which also runs the MQTT subscriber), the load average, and how many
+percentiles, statuses, CPU milliseconds per request of the broker, of
+mosquitto and of this client (which also runs the MQTT subscriber), the load average, and how many
 distinct keys reached the subscriber (and how long after the last reply the
 last one arrived) -- answered keys are not the same as delivered keys.
 
@@ -178,10 +178,13 @@ def measure(path: str, http_port: int, keys: list[str], concurrency: int, server
 
 
 def run(api: str, args: argparse.Namespace, http_port: int, sub: Subscriber, salt: int,
-        broker_pid: int) -> dict[str, Any]:
+        broker_pid: int, mosquitto_pid: int) -> dict[str, Any]:
     keys = [key_for(i, salt) for i in range(args.requests)]
     before = sub.count()
+    mosquitto_before = cpu_seconds(mosquitto_pid)
     figures, statuses = measure(f"/api/{api}/wg/key/exchange", http_port, keys, args.concurrency, broker_pid)
+    figures["mosquitto_cpu_ms_per_request"] = round((cpu_seconds(mosquitto_pid) - mosquitto_before) * 1000
+                                                    / args.requests, 3)
     replied = time.monotonic()
     ok = statuses.get("200", 0)
     try:
@@ -290,7 +293,8 @@ def main() -> None:
         wait_for(ready, 15, what="broker ready")
         apis = ["v1", "v2"] if args.api == "both" else [args.api]
         for salt, api in enumerate(apis):
-            print(json.dumps(run(api, args, http_port, sub, salt, broker.pid)), flush=True)
+            assert mosquitto.proc is not None
+            print(json.dumps(run(api, args, http_port, sub, salt, broker.pid, mosquitto.proc.pid)), flush=True)
     finally:
         if sub is not None:
             sub.close()

@@ -64,6 +64,36 @@ class PublishTests(MqttTestCase):
         self.pump()
         self.assertIsNone(self.successResultOf(first))
 
+    def test_puback_for_unknown_id_changes_nothing(self) -> None:
+        """A PUBACK naming no publish in flight (a repeat, say) fires nothing; the right one still does."""
+        service = self.make()
+        conn = self.start_connected(service)
+        sent = service.publish("wireguard/ffmuc_welt/all", b"key1", qos=1)
+        self.pump()
+        [mid] = [p.publish()[4] for p in conn.packets()]
+        conn.send(puback(mid + 1 if mid < 65535 else 1))
+        self.pump()
+        self.assertNoResult(sent)
+        self.assertTrue(service.connected)
+        conn.send(puback(mid) + puback(mid))
+        self.pump()
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertTrue(service.connected)
+
+    def test_malformed_puback_ends_the_connection(self) -> None:
+        """A PUBACK of the wrong length is a protocol error: the connection ends, the publish is kept."""
+        service = self.make()
+        conn = self.start_connected(service)
+        sent = service.publish("wireguard/ffmuc_welt/all", b"key1", qos=1)
+        self.pump()
+        [mid] = [p.publish()[4] for p in conn.packets()]
+        conn.send(bytes([0x40, 3]) + mid.to_bytes(2, "big") + b"\x00")
+        self.pump()
+        self.assertFalse(service.connected)
+        self.assertNoResult(sent)
+        self.assertEqual(service.pending, 1)
+        sent.addErrback(lambda failure: None)  # the test's cleanup stops the service with it still queued
+
     def test_qos0_deferred_fires_when_written(self) -> None:
         """A QoS 0 publish's Deferred fires once the message is written to the socket."""
         service = self.make()

@@ -1,10 +1,12 @@
-"""BufferedSocket: paho's many small reads are served from few large recvs, on a stub socket."""
+"""BufferedSocket: paho's many small reads are served from few large recvs, its many sends leave in few, on a stub socket."""
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.reactors import ThreadedMemoryReactor
 from wgkex.mqtt.buffered_socket import READ_BUFFER, BufferedSocket
+from wgkex.mqtt.paho_socket import ReactorSocket
 
 
 class StubSocket:
@@ -13,6 +15,11 @@ class StubSocket:
     def __init__(self, chunks: list[bytes], inner_pending: int = 0) -> None:
         self.chunks = chunks
         self.asked: list[int] = []
+        #: Each send's bytes, as the socket took them.
+        self.sent: list[bytes] = []
+        #: Bytes the socket takes per send from now on (None: all; 0: would block).
+        self.room: int | None = None
+        self.broken = False
         self.inner_pending = inner_pending
         self.closed = False
         self.timeout: float | None = None
@@ -25,6 +32,15 @@ class StubSocket:
 
     def pending(self) -> int:
         return self.inner_pending
+
+    def send(self, data: bytes) -> int:
+        if self.broken:
+            raise BrokenPipeError()
+        taken = bytes(data) if self.room is None else bytes(data[: self.room])
+        if not taken and data:
+            raise BlockingIOError()
+        self.sent.append(taken)
+        return len(taken)
 
     def close(self) -> None:
         self.closed = True
@@ -77,3 +93,114 @@ class BufferedSocketTests(SynchronousTestCase):
         sock.close()
         self.assertTrue(stub.closed)
         self.assertEqual(sock.pending(), 0)
+
+
+class CorkTests(SynchronousTestCase):
+    def test_corked_sends_leave_together(self) -> None:
+        """Packets sent while corked leave in one send, in order; paho is told each went out whole."""
+        stub = StubSocket([])
+        sock = BufferedSocket(stub)
+        sock.cork()
+        self.assertEqual([sock.send(p) for p in (b"\x30\x03abc", b"\x30\x01d", b"\xc0\x00")], [5, 3, 2])
+        self.assertEqual(stub.sent, [])
+        self.assertEqual(sock.unsent, 10)
+        self.assertTrue(sock.uncork())
+        self.assertEqual(stub.sent, [b"\x30\x03abc\x30\x01d\xc0\x00"])
+        self.assertEqual(sock.unsent, 0)
+
+    def test_uncorked_sends_pass_through(self) -> None:
+        """Without a cork every send goes straight to the socket."""
+        stub = StubSocket([])
+        sock = BufferedSocket(stub)
+        sock.send(b"ab")
+        sock.send(b"cd")
+        self.assertEqual(stub.sent, [b"ab", b"cd"])
+
+    def test_what_the_socket_refuses_goes_first_later(self) -> None:
+        """Bytes the socket has no room for wait; later sends block until they are out, so the order holds."""
+        stub = StubSocket([])
+        sock = BufferedSocket(stub)
+        stub.room = 3
+        sock.cork()
+        sock.send(b"12345")
+        sock.send(b"678")
+        self.assertFalse(sock.uncork())
+        self.assertEqual(sock.unsent, 5)
+        stub.room = 0
+        self.assertRaises(BlockingIOError, sock.send, b"9")
+        stub.room = None
+        self.assertEqual(sock.send(b"9"), 1)
+        self.assertEqual(b"".join(stub.sent), b"123456789")
+        self.assertEqual(sock.unsent, 0)
+
+    def test_close_sends_the_last_packets(self) -> None:
+        """close() while corked (paho closes right after writing DISCONNECT) sends what was collected first."""
+        stub = StubSocket([])
+        sock = BufferedSocket(stub)
+        sock.cork()
+        sock.send(b"\xe0\x00")
+        sock.close()
+        self.assertEqual(stub.sent, [b"\xe0\x00"])
+        self.assertTrue(stub.closed)
+
+    def test_broken_connection_drops_what_waits(self) -> None:
+        """On a broken connection the collected bytes are dropped (paho notices when it reads), not raised."""
+        stub = StubSocket([])
+        sock = BufferedSocket(stub)
+        sock.cork()
+        sock.send(b"abc")
+        stub.broken = True
+        self.assertTrue(sock.uncork())
+        self.assertEqual(sock.unsent, 0)
+
+
+class _PahoWriting:
+    """Paho as ReactorSocket sees it when writing: ``loop_write`` sends every queued packet."""
+
+    def __init__(self, sock: BufferedSocket) -> None:
+        self.sock = sock
+        self.queued: list[bytes] = []
+
+    def loop_write(self) -> None:
+        while self.queued:
+            self.sock.send(self.queued.pop(0))
+
+    def want_write(self) -> bool:
+        return bool(self.queued)
+
+
+class CorkedWritingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = ThreadedMemoryReactor()
+        self.stub = StubSocket([])
+        self.stub.fileno = lambda: 7  # type: ignore[attr-defined]
+        self.sock = BufferedSocket(self.stub)
+        self.io = ReactorSocket(self.reactor, "mqtt", lambda: None, lambda reason: None)
+        self.paho = _PahoWriting(self.sock)
+        self.io.attach(self.paho, self.sock, "test")  # type: ignore[arg-type]
+
+    def writable(self) -> None:
+        assert self.io.descriptor is not None
+        self.io.descriptor.doWrite()
+
+    def test_one_send_per_writable_event(self) -> None:
+        """Everything paho writes on one writable event leaves in one send; then nothing is watched."""
+        self.paho.queued = [b"p1", b"p2", b"p3"]
+        self.io.want_write()
+        self.writable()
+        self.assertEqual(self.stub.sent, [b"p1p2p3"])
+        self.assertEqual(self.reactor.getWriters(), [])
+
+    def test_rest_waits_for_the_next_writable_event(self) -> None:
+        """Bytes the socket had no room for keep the socket watched and leave on the next writable event."""
+        self.paho.queued = [b"abcd", b"efgh"]
+        self.io.want_write()
+        self.stub.room = 3
+        self.writable()
+        self.assertEqual(len(self.reactor.getWriters()), 1)
+        self.io.written()  # paho has nothing queued: the waiting bytes still keep the socket watched
+        self.assertEqual(len(self.reactor.getWriters()), 1)
+        self.stub.room = None
+        self.writable()
+        self.assertEqual(b"".join(self.stub.sent), b"abcdefgh")
+        self.assertEqual(self.reactor.getWriters(), [])

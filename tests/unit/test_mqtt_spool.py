@@ -104,6 +104,17 @@ class SpoolTests(SynchronousTestCase):
             second.release(record.ticket)
         self.assertEqual(self.files(), [])
 
+    def test_acknowledgements_released_together_survive_a_kill(self) -> None:
+        """Records acknowledged in one batch across segments are not replayed after a kill; the others are."""
+        first = Spool(self.state, segment_records=3)
+        first.open()
+        tickets = [first.append("t", b"k%d" % i, 1, False) for i in range(6)]
+        first.release_all([tickets[1], tickets[3], tickets[4], tickets[0]])
+        for segment in first._segments.values():
+            os.close(segment.fd)  # killed: no close()
+        second = self.spool()
+        self.assertEqual(self.keys(second.open()), [b"k2", b"k5"])
+
     def test_running_owner_keeps_its_records(self) -> None:
         """A second spool on the same directory does not take segments another process has open."""
         first = self.spool()

@@ -55,6 +55,10 @@ ABORT_AFTER = 15.0
 #: replies computed for it before twisted.web's own 64 KiB buffer fills and pauses the channel.
 SEND_BUFFER = 32 * 1024
 
+#: twisted.web's parser, looked up once: ``twisted.web.http`` is a deprecation proxy module,
+#: and each attribute read through it costs a few microseconds.
+_parse = http.HTTPChannel.dataReceived
+
 BAD_REQUEST_REPLY = raw_reply("400 Bad Request", "malformed HTTP request (request line, headers or chunking)")
 
 
@@ -131,7 +135,7 @@ class BrokerChannel(http.HTTPChannel):
                 piece, self._held = self._held[:end], self._held[end:]
                 if self._deadline is None:
                     self._start_deadline()
-                http.HTTPChannel.dataReceived(self, piece)
+                _parse(self, piece)
         finally:
             self._feeding = False
         self._regulate_reading()

@@ -29,11 +29,12 @@ from __future__ import annotations
 import json
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
+from wgkex.broker.deadlines import Deadlines
 from wgkex.broker.history import History
 from wgkex.broker.keylists import KeyLists
 from wgkex.broker.metrics import BrokerMetrics
@@ -42,13 +43,15 @@ from wgkex.broker.replies import Replies
 from wgkex.broker.workers import WorkerPicture
 from wgkex.bus import Bus, MqttStopped, QueueFull
 from wgkex.config import Config
-from wgkex.contract import encode_key, key_topic
+from wgkex.contract import Endpoint, encode_key, key_topic
 from wgkex.keys import key_problem
 
 V1_PATH = "/api/v1/wg/key/exchange"
 V2_PATH = "/api/v2/wg/key/exchange"
 
 _OK_BODY = b'{"Message": "OK"}'
+#: Encoded v2 replies kept (one per worker and domain is the need).
+_REPLIES_KEPT = 1024
 
 
 class Refused(Exception):
@@ -149,6 +152,9 @@ class KeyExchange:
         self._trusted = parse_networks(config.broker.trusted_proxies)
         self._max_body = config.broker.max_body_size
         self._timeout = config.broker.publish_timeout
+        self._deadlines = Deadlines(clock, self._timeout)
+        #: id(endpoint) -> (endpoint, its v2 reply body)
+        self._replies: dict[int, tuple[Endpoint, bytes]] = {}
 
     def v1(self, request: IRequest) -> bytes | Deferred[bytes]:
         """``POST /api/v1/wg/key/exchange``: publish the key, reply ``{"Message": "OK"}``."""
@@ -175,7 +181,7 @@ class KeyExchange:
                     )
                 name, target = choice
                 chosen = (name, domain)
-                reply = json.dumps(target.reply()).encode("utf-8")
+                reply = self._reply(target)
             acked = self._publish(domain, key)
         except Refused as refusal:
             if chosen is not None:
@@ -184,7 +190,7 @@ class KeyExchange:
             return self._refused(request, endpoint, refusal, start)
         self.history.registration(domain)
         if chosen is not None:
-            self.metrics.choices.labels(*chosen).inc()
+            self.metrics.child(self.metrics.choices, *chosen).inc()
         if acked is None:
             return self.replies.send(request, endpoint, 200, reply, start)
 
@@ -209,10 +215,22 @@ class KeyExchange:
 
         return acked.addCallbacks(answered, failed)
 
+    def _reply(self, target: Endpoint) -> bytes:
+        """The v2 reply naming ``target``, encoded once per endpoint object (a worker's data
+        message makes a new one)."""
+        cached = self._replies.get(id(target))
+        if cached is not None and cached[0] is target:
+            return cached[1]
+        if len(self._replies) >= _REPLIES_KEPT:
+            self._replies.clear()
+        reply = json.dumps(target.reply()).encode("utf-8")
+        self._replies[id(target)] = (target, reply)
+        return reply
+
     def _refused(self, request: IRequest, endpoint: str, refusal: Refused, start: float | None) -> bytes:
         for name, value in refusal.headers.items():
             request.setHeader(name, value)
-        self.metrics.refused.labels(refusal.reason).inc()
+        self.metrics.child(self.metrics.refused, refusal.reason).inc()
         return self.replies.error(request, endpoint, refusal.code, refusal.message, start)
 
     def _admit(self, request: IRequest) -> tuple[str, str]:
@@ -249,7 +267,7 @@ class KeyExchange:
                 503, "the message bus is unreachable and the queue of pending keys is full; try again later",
                 "queue_full",
             ) from None
-        published = self.metrics.published.labels(domain)
+        published = self.metrics.child(self.metrics.published, domain)
 
         def acknowledged(result: object) -> object:
             published.inc()
@@ -257,7 +275,7 @@ class KeyExchange:
 
         d.addCallback(acknowledged)
         if not connected:
-            self.metrics.queued.labels(domain).inc()
+            self.metrics.child(self.metrics.queued, domain).inc()
             d.addErrback(self._lost, key, domain)
             return None
         return self._bounded(d, key, domain)
@@ -274,9 +292,9 @@ class KeyExchange:
         """A Deferred that fires when ``d`` does or after the publish timeout, whichever is first.
 
         The publish itself is never cancelled: on timeout it stays queued in the MQTT client.
+        The timeouts of all requests share one timer (:class:`~wgkex.broker.deadlines.Deadlines`).
         """
-        result: Deferred[bytes] = Deferred(lambda _: timer.cancel() if timer.active() else None)
-        timer: IDelayedCall
+        result: Deferred[bytes] = Deferred(lambda _: wait.cancel())
 
         def timed_out() -> None:
             self.log.warn(
@@ -286,8 +304,7 @@ class KeyExchange:
             result.callback(b"")
 
         def done(outcome: object) -> None:
-            if timer.active():
-                timer.cancel()
+            wait.cancel()
             if result.called:
                 if isinstance(outcome, Failure):
                     self._lost(outcome, key, domain)
@@ -297,6 +314,6 @@ class KeyExchange:
             else:
                 result.callback(b"")
 
-        timer = self.clock.callLater(self._timeout, timed_out)
+        wait = self._deadlines.wait(timed_out)
         d.addBoth(done)
         return result

@@ -187,9 +187,11 @@ class BrokerMetrics:
         if process:
             ProcessCollector(registry=r)
             GCCollector(registry=r)
-        # Labelled children for the hot path, looked up once.
+        # Labelled children for the hot path, looked up once (``labels()`` costs a lock and a
+        # dict walk per call). Label values come from fixed sets or the configuration.
         self._request_children: dict[tuple[str, int], Counter] = {}
         self._latency_children = {e: self.latency.labels(e) for e in ENDPOINTS}
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
 
     def observe(self, endpoint: str, status: int, seconds: float | None) -> None:
         """Count one answered request (``seconds`` None when no latency is known)."""
@@ -199,6 +201,15 @@ class BrokerMetrics:
         child.inc()
         if seconds is not None:
             self._latency_children[endpoint].observe(seconds)
+
+    def child(self, counter: Counter, *labels: str) -> Counter:
+        """``counter.labels(*labels)``, looked up once per label values (for the key exchange's counters:
+        domains and worker names come from the configuration and the bounded worker picture)."""
+        key = (counter, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = counter.labels(*labels)
+        return found
 
     def count_bus_invalid(self, refused: Refused) -> None:
         """Count one refused worker report (both labels come from the contract's fixed sets)."""

@@ -252,13 +252,17 @@ class Outbox:
     def _fire_acked(self) -> None:
         while self._acked:
             acked, self._acked = self._acked, []
-            for entry in acked:
-                for outstanding, done in list(self._drain_waiters):
-                    outstanding.discard(entry)
-                    if not outstanding:
-                        fire(done)
-                if entry.ticket is not None and self.spool is not None:
-                    self.spool.release(entry.ticket)
+            if self.spool is not None:
+                tickets = [entry.ticket for entry in acked if entry.ticket is not None]
+                for entry in acked:
                     entry.ticket = None
+                if tickets:
+                    self.spool.release_all(tickets)  # one write for the PUBACKs of one read
+            for entry in acked:
+                if self._drain_waiters:
+                    for outstanding, done in list(self._drain_waiters):
+                        outstanding.discard(entry)
+                        if not outstanding:
+                            fire(done)
                 if not entry.deferred.called:
                     entry.deferred.callback(None)

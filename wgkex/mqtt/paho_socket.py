@@ -9,7 +9,11 @@ and refills the window). Paho reads one packet per ``loop_read`` in three or
 more ``recv`` calls; a read buffer under paho
 (:class:`~wgkex.mqtt.buffered_socket.BufferedSocket`) and up to
 :data:`READ_BURST` packets per reactor turn make a burst of thousands of QoS 1
-messages cost about 20 µs of CPU each (32 µs before).
+messages cost about 20 µs of CPU each (32 µs before). Around each
+``loop_write`` the buffer is corked (:meth:`BufferedSocket.cork
+<wgkex.mqtt.buffered_socket.BufferedSocket.cork>`), so the packets paho writes
+in one go leave in one ``send``; the socket stays watched for writing while
+some of them wait for room.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ def _tcp_socket(sock: Any) -> Any:
     ``shutdown``; there is no public accessor, so this one place reaches in.
     """
     return getattr(sock, "_socket", sock)
+
+
+def _unsent(sock: Any) -> int:
+    """Bytes a corked socket still holds for the server (0 for any other socket)."""
+    return int(getattr(sock, "unsent", 0))
 
 
 @implementer(IReadWriteDescriptor)
@@ -141,7 +150,7 @@ class ReactorSocket:
 
     def written(self) -> None:
         """Paho has nothing more to write (``on_socket_unregister_write``)."""
-        if self.descriptor is not None and self._writing:
+        if self.descriptor is not None and self._writing and not _unsent(self.descriptor.sock):
             self._reactor.removeWriter(self.descriptor)
             self._writing = False
 
@@ -193,8 +202,18 @@ class ReactorSocket:
         client = self.client
         if client is None or descriptor is not self.descriptor:
             return
+        sock = descriptor.sock
+        corked = hasattr(sock, "cork")
         try:
-            client.loop_write()
+            if corked:
+                sock.cork()
+            try:
+                client.loop_write()
+            finally:
+                if corked and not sock.uncork() and self.descriptor is descriptor:
+                    self.want_write()  # the rest when the socket has room
+            if corked and self.descriptor is descriptor and not client.want_write():
+                self.written()
         except Exception:
             self.log.failure("MQTT: unexpected error writing to {server}", server=self.server)
             self.abort("unexpected error while writing")

@@ -40,6 +40,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: Records per segment file before a new one is begun.
@@ -83,7 +84,8 @@ class Spool:
     """Append-only segment files of unacknowledged publishes in ``directory``.
 
     Everything happens on the caller's thread (the reactor's): :meth:`append` is
-    one ``write(2)`` of about 100 bytes, :meth:`release` one of a few bytes or now
+    one ``write(2)`` of about 100 bytes, :meth:`release_all` one of a few bytes per
+    record and segment, or now
     and then an ``unlink(2)``; only :meth:`open` and :meth:`close` (once per run)
     read or sync.
     """
@@ -154,20 +156,28 @@ class Spool:
 
     def release(self, ticket: Ticket) -> None:
         """The record is acknowledged: note it (a segment left empty and done is deleted instead)."""
-        sid, number = ticket
-        segment = self._segments.get(sid)
-        if segment is None:
-            return
-        segment.live -= 1
-        if segment.live <= 0 and (sid != self._current or segment.written >= EMPTY_ROTATE):
-            if sid == self._current:
-                self._current = None
-            self._drop(sid)
-            return
-        try:
-            os.write(segment.fd, b"%d\n" % number)
-        except OSError:
-            pass  # only costs a repeat of this publish after a crash
+        self.release_all((ticket,))
+
+    def release_all(self, tickets: Iterable[Ticket]) -> None:
+        """Several records are acknowledged (the PUBACKs of one read): one ``write(2)`` per segment."""
+        lines: dict[int, list[bytes]] = {}
+        for sid, number in tickets:
+            segment = self._segments.get(sid)
+            if segment is None:
+                continue
+            segment.live -= 1
+            if segment.live <= 0 and (sid != self._current or segment.written >= EMPTY_ROTATE):
+                if sid == self._current:
+                    self._current = None
+                self._drop(sid)
+                lines.pop(sid, None)
+                continue
+            lines.setdefault(sid, []).append(b"%d\n" % number)
+        for sid, numbers in lines.items():
+            try:
+                os.write(self._segments[sid].fd, b"".join(numbers))
+            except OSError:
+                pass  # only costs a repeat of these publishes after a crash
 
     @property
     def live(self) -> int:
