@@ -25,6 +25,13 @@ worker, wireguard-go and mosquitto during the burst. ``--timeline`` adds every
 sample; ``--profile PREFIX`` records the worker with py-spy (not a dependency
 of wgkex; ``pip install py-spy``), ``--keep-log PATH`` keeps its log.
 
+``--rate R`` trickles the keys instead, evenly at R keys/s, as a gateway sees
+them when routers register one by one (the herd: ~300 keys/s per gateway):
+``cpu_ms_per_key`` is each program's CPU per key at that rate, ``latency_ms``
+the publish-to-installed percentiles, from each key's write to mosquitto to the
+kernel's notice of its FDB entry (``bridge monitor fdb``; the worker adds it
+last), so the worker is not polled meanwhile.
+
 The kernel's FDB append is linear in the number of destinations already on the
 all-zero entry (the vxlan driver walks its list for duplicates), so the rate
 falls as a burst goes on (20,000 appends take about 1.7 s of kernel time here,
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import ipaddress
 import json
 import os
 import platform
@@ -51,7 +59,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.support.measure import cpu_seconds  # noqa: E402
+from tests.support.fdb_watch import FdbWatch  # noqa: E402
+from tests.support.measure import cpu_seconds, percentile, thread_cpu_seconds  # noqa: E402
 from tests.support.mqtt_wire import RawPublisher  # noqa: E402
 from tests.support.worker_probe import StatusClient, file_tail  # noqa: E402
 from wgkex.keys import lladdr  # noqa: E402
@@ -65,7 +74,6 @@ from wgkex.lab.wggo import WireGuardGo, genkey  # noqa: E402
 DOMAIN = "ffbench_x"
 WG, VX = "wg-x", "vx-x"
 STATUS_PORT = 9101
-
 
 
 def bench_keys(count: int, seed: str) -> list[str]:
@@ -207,6 +215,67 @@ def rate_between(samples: list[tuple[float, float]], low: float, high: float) ->
     return (n_high - n_low) / (t_high - t_low)
 
 
+def start_profiler(out: str, pid: int) -> subprocess.Popen[bytes]:
+    """py-spy (not a dependency of wgkex: pip install py-spy) sampling ``pid`` into ``out``."""
+    profiler = subprocess.Popen(
+        ["py-spy", "record", "--threads", "--idle", "--format", "raw", "--rate", "200", "--nonblocking",
+         "--pid", str(pid), "--output", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return profiler
+
+
+def trickle(count: int, rate: float, timeout: float, profile: str | None = None, settle: float = 1.0,
+            keep_log: str | None = None) -> dict[str, Any]:
+    """``count`` keys published evenly at ``rate`` per second: CPU per key and publish-to-installed latency."""
+    keys = bench_keys(count, uuid.uuid4().hex)
+    addresses = [str(ipaddress.ip_address(lladdr(k))) for k in keys]
+    with BenchGateway(None, keep_log) as gw:
+        assert gw.mqtt is not None and gw.ns is not None and gw.status is not None
+        pids = gw.pids()
+        watch = FdbWatch(gw.ns.name, VX)
+        time.sleep(settle)
+        publisher = RawPublisher("127.0.0.1", gw.mqtt.port, f"bench-{gw.id}")
+        profiler: subprocess.Popen[bytes] | None = None
+        try:
+            if profile is not None:
+                profiler = start_profiler(f"{profile}-{count}-rate{rate:g}.txt", pids["worker"])
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            threads_before = thread_cpu_seconds(pids["worker"])
+            sent_at = publisher.publish_paced(f"wireguard/{DOMAIN}/all", [k.encode() for k in keys], rate)
+            if not watch.wait_for(set(addresses), timeout):
+                raise RuntimeError(f"{count} keys: only {len(watch.seen)} FDB entries after {timeout:g} s\n"
+                                   f"{gw.log_tail()}")
+            cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+            threads = {k: round(v - threads_before[k], 2) for k, v in thread_cpu_seconds(pids["worker"]).items()}
+            publisher.all_acked.wait(5)
+            seconds = max(watch.seen.values()) - sent_at[0]
+        finally:
+            publisher.close()
+            watch.close()
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(30)
+        latencies = [(watch.seen[a] - t) * 1000 for a, t in zip(addresses, sent_at)]
+        final = gw.status.metrics()
+        batches = final.get("wgkex_worker_batch_size_count", 0.0)
+        return {
+            "keys": count,
+            "rate": rate,
+            "seconds": round(seconds, 3),
+            "cpu_seconds": {name: round(v, 2) for name, v in cpu.items()},
+            "cpu_ms_per_key": {name: round(1000 * v / count, 3) for name, v in cpu.items()},
+            "worker_cpu_seconds_by_thread": threads,
+            "latency_ms": {f"p{p}": round(percentile(latencies, p), 1) for p in (50, 90, 99)}
+            | {"max": round(max(latencies), 1)},
+            "applied": int(applied_total(final)),
+            "failed": int(failed_total(final)),
+            "kernel": gw.kernel_counts(),
+            "batches": int(batches),
+            "mean_batch": round(final.get("wgkex_worker_batch_size_sum", 0.0) / batches, 2) if batches else None,
+            "load_average": os.getloadavg(),
+        }
+
+
 def burst(
     count: int,
     mosquitto_inflight: int | None,
@@ -229,13 +298,7 @@ def burst(
         try:
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             if profile is not None:
-                # py-spy (not a dependency of wgkex: pip install py-spy) samples the worker meanwhile.
-                out = f"{profile}-{count}.txt"
-                profiler = subprocess.Popen(
-                    ["py-spy", "record", "--threads", "--idle", "--format", "raw", "--rate", "200", "--nonblocking",
-                     "--pid", str(pids["worker"]), "--output", out], stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL)
-                time.sleep(1.0)
+                profiler = start_profiler(f"{profile}-{count}.txt", pids["worker"])
             started = publisher.publish_all(f"wireguard/{DOMAIN}/all", [k.encode() for k in keys])
             written = time.monotonic() - started
             samples: list[tuple[float, float]] = [(0.0, 0.0)]
@@ -314,12 +377,18 @@ def main() -> None:
     parser.add_argument("--timeline", action="store_true",
                         help="add every /metrics sample (seconds, keys received, keys applied, batches) to the output")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up on a burst after this many seconds")
+    parser.add_argument("--rate", type=float, default=None, metavar="KEYS_PER_S",
+                        help="publish the keys evenly at this rate instead of all at once")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/worker_burst.py needs root (network namespaces, wireguard-go)")
     for count in args.counts:
-        result = burst(count, args.mosquitto_inflight, args.timeout, args.profile, args.timeline, args.settle,
-                       args.keep_log)
+        if args.rate is not None:
+            result = trickle(count, args.rate, args.timeout, args.profile, args.settle, args.keep_log)
+        else:
+            result = burst(count, args.mosquitto_inflight, args.timeout, args.profile, args.timeline, args.settle,
+                           args.keep_log)
+            result["load_average"] = os.getloadavg()
         result["machine"] = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
         print(json.dumps(result), flush=True)
 

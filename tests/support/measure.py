@@ -12,6 +12,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a process split into its main thread's and its other threads', user and system."""
+    result = {"main_user": 0.0, "main_system": 0.0, "threads_user": 0.0, "threads_system": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        which = "main" if int(tid) == pid else "threads"
+        result[f"{which}_user"] += int(fields[11]) / tick
+        result[f"{which}_system"] += int(fields[12]) / tick
+    return result
+
+
 def percentile(values: list[float], p: float) -> float:
     """The ``p``-th percentile of ``values`` (nearest rank; 0.0 for none)."""
     ordered = sorted(values)

@@ -65,8 +65,8 @@ class RawPublisher:
             buffer = buffer[usable:]
         self.all_acked.set()
 
-    def publish_all(self, topic: str, payloads: list[bytes]) -> float:
-        """Send every payload at QoS 1; returns when all are written (acks are counted in a thread)."""
+    def _start(self, topic: str, payloads: list[bytes]) -> list[bytes]:
+        """The encoded PUBLISH packets; the acknowledgement counter is running."""
         encoded_topic = str16(topic.encode())
         packets = []
         for i, payload in enumerate(payloads):
@@ -75,6 +75,30 @@ class RawPublisher:
         self._expected = len(packets)
         reader = threading.Thread(target=self._count_acks, name="pubacks", daemon=True)
         reader.start()
+        return packets
+
+    def publish_paced(self, topic: str, payloads: list[bytes], rate: float) -> list[float]:
+        """Send the payloads at QoS 1 evenly at ``rate`` per second; returns each one's send time (monotonic).
+
+        Payload ``i`` is due ``i / rate`` seconds after the first; whatever is due is
+        written in one go, so a late wake-up never lowers the rate.
+        """
+        packets = self._start(topic, payloads)
+        sent_at: list[float] = []
+        started = time.monotonic()
+        while len(sent_at) < len(packets):
+            now = time.monotonic()
+            due = min(len(packets), int((now - started) * rate) + 1)
+            if due > len(sent_at):
+                self.sock.sendall(b"".join(packets[len(sent_at) : due]))
+                sent_at += [now] * (due - len(sent_at))
+            else:
+                time.sleep(max(0.0, started + len(sent_at) / rate - now))
+        return sent_at
+
+    def publish_all(self, topic: str, payloads: list[bytes]) -> float:
+        """Send every payload at QoS 1; returns when all are written (acks are counted in a thread)."""
+        packets = self._start(topic, payloads)
         started = time.monotonic()
         for start in range(0, len(packets), 500):
             self.sock.sendall(b"".join(packets[start : start + 500]))
