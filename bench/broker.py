@@ -12,8 +12,9 @@ last one arrived) -- answered keys are not the same as delivered keys.
 
 ``--control`` first sends the same requests to two control servers: a bare
 twisted.web resource answering a constant JSON body (configured as cheaply as
-the broker's site: no access log, no form parsing, the body in memory) and the
-same answer through a Klein route. Their CPU per request is the floor under
+the broker's site: no access log, no form parsing, the body in memory), the
+same resource behind the broker's own site (its connection bounds, body limit
+and deadlines), and the same answer through a Klein route. Their CPU per request is the floor under
 the broker's: what lies above it is wgkex's own work.
 
     .venv/bin/python bench/broker.py [--requests 20000] [--concurrency 64] [--api v1|v2|both] [--control]
@@ -104,7 +105,9 @@ def control_server(port: int, kind: str) -> None:
     ``web``: a bare twisted.web resource, configured as cheaply as the broker's
     site is (no access log, no form parsing, the body kept in memory rather
     than in a temporary file) -- the floor any twisted.web broker pays per
-    request. ``klein``: the same answer from a Klein route, for Klein's share.
+    request. ``site``: the same resource served by the broker's own site
+    (:func:`wgkex.broker.site.make_site`: connection bounds, body limit,
+    deadlines). ``klein``: the same answer from a Klein route, for Klein's share.
     """
     import io
 
@@ -128,6 +131,7 @@ def control_server(port: int, kind: str) -> None:
             self.content = io.BytesIO()
 
     root: Any
+    site: Any = None
     if kind == "klein":
         from klein import Klein
 
@@ -143,8 +147,13 @@ def control_server(port: int, kind: str) -> None:
                 return reply(request)
 
         root = Answer()
-    endpoints.TCP4ServerEndpoint(reactor, port, backlog=1024, interface="127.0.0.1").listen(
-        Quiet(root, requestFactory=InMemory, parsePOSTFormSubmission=False))
+    if kind == "site":
+        from wgkex.broker.site import make_site
+
+        site = make_site(root, 4096, reactor, max_per_address=256, max_connections=100_000)
+    else:
+        site = Quiet(root, requestFactory=InMemory, parsePOSTFormSubmission=False)
+    endpoints.TCP4ServerEndpoint(reactor, port, backlog=1024, interface="127.0.0.1").listen(site)
     reactor.run()
 
 
@@ -203,7 +212,7 @@ def run(api: str, args: argparse.Namespace, http_port: int, sub: Subscriber, sal
 
 def controls(args: argparse.Namespace) -> None:
     """The floor: the same requests against the control servers (no MQTT, no wgkex code)."""
-    for kind in ("web", "klein"):
+    for kind in ("web", "site", "klein"):
         port = free_port()
         server = subprocess.Popen([sys.executable, __file__, "--control-server", str(port), kind])
         try:
@@ -219,8 +228,9 @@ def controls(args: argparse.Namespace) -> None:
             wait_for(ready, 15, what="control server")
             keys = [key_for(i, 200) for i in range(args.requests)]
             figures, _ = measure("/api/v2/wg/key/exchange", port, keys, args.concurrency, server.pid)
-            print(json.dumps({"api": f"control: bare {'twisted.web' if kind == 'web' else 'klein'}", **figures}),
-                  flush=True)
+            names = {"web": "bare twisted.web", "site": "twisted.web through the broker's site (bounds, limits)",
+                     "klein": "bare klein"}
+            print(json.dumps({"api": f"control: {names[kind]}", **figures}), flush=True)
         finally:
             terminate(server, 15)
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A worker eligible for the domain, as the rule sees it."""
+class Candidate(NamedTuple):
+    """A worker eligible for the domain, as the rule sees it (a tuple: v2 builds some per request)."""
 
     name: str
     #: Connected peers over all the worker's domains (negative counts as 0).
@@ -76,7 +76,7 @@ def choose(candidates: Iterable[Candidate]) -> str | None:
     scored = _scaled_deficits(_pool(candidates))
     if not scored:
         return None
-    return min(scored, key=lambda entry: (entry[0], entry[1]))[1]
+    return min((deficit, name) for deficit, name, _ in scored)[1]
 
 
 def assess(candidates: Iterable[Candidate]) -> list[Assessment]:
