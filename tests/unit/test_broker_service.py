@@ -227,6 +227,26 @@ class TreeTests(SynchronousTestCase):
 
 
 class TapTests(SynchronousTestCase):
+    def test_running_reactor_freezes_start_up_objects(self) -> None:
+        """Once the reactor runs, start-up objects leave the collector's generations and young ones are collected less often."""
+        import gc
+
+        from wgkex.broker.tap import YOUNG_THRESHOLD, makeService
+        from wgkex.options import Options
+
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.addCleanup(gc.unfreeze)
+        reactor = ThreadedMemoryReactor()
+        options = Options()
+        options.config = make_config()
+        makeService(options, reactor)
+        [hook] = reactor.whenRunningHooks
+        self.assertEqual(gc.get_threshold(), before)
+        hook[0](*hook[1], **hook[2])
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertEqual(gc.get_threshold(), (YOUNG_THRESHOLD, before[1], before[2]))
+
     def test_make_service_builds_the_tree(self) -> None:
         """makeService(options, reactor) returns the tree without listening; gc.freeze waits for the reactor to run."""
         from wgkex.broker.tap import makeService
