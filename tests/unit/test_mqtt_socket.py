@@ -128,9 +128,12 @@ class CorkTests(SynchronousTestCase):
         self.assertEqual(sock.unsent, 5)
         stub.room = 0
         self.assertRaises(BlockingIOError, sock.send, b"9")
+        sock.cork()
+        sock.send(b"9")  # corked: collected behind what waits
         stub.room = None
-        self.assertEqual(sock.send(b"9"), 1)
-        self.assertEqual(b"".join(stub.sent), b"123456789")
+        self.assertTrue(sock.uncork())
+        self.assertEqual(sock.send(b"0"), 1)
+        self.assertEqual(b"".join(stub.sent), b"1234567890")
         self.assertEqual(sock.unsent, 0)
 
     def test_close_sends_the_last_packets(self) -> None:

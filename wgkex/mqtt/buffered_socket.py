@@ -69,11 +69,11 @@ class BufferedSocket:
     # -- writing -------------------------------------------------------------------------------
 
     def send(self, data: bytes) -> int:
+        if self._corked:
+            self._collected.append(bytes(data))  # leaves after what is unsent (see uncork)
+            return len(data)
         if self._unsent and not self._flush():
             raise BlockingIOError("earlier bytes are still waiting for the socket")
-        if self._corked:
-            self._collected.append(bytes(data))
-            return len(data)
         sent: int = self._sock.send(data)
         return sent
 
