@@ -234,6 +234,22 @@ class FakeRtnl:
         self.closed = True
 
 
+def slow_dumps(wg: FakeWireGuard, seconds: float) -> list[float]:
+    """Make each of ``wg``'s dumps take ``seconds`` of a fake monotonic clock; returns that clock.
+
+    The clock is a one-element list (``clock[0]`` is now): pass ``lambda: clock[0]`` as a monotonic.
+    """
+    clock = [0.0]
+    peers = wg.peers
+
+    def slow(iface: str) -> list[PeerInfo]:
+        clock[0] += seconds
+        return peers(iface)
+
+    wg.peers = slow  # type: ignore[method-assign]
+    return clock
+
+
 def backends_for(kernel: FakeKernel) -> tuple[Backends, FakeWireGuard, FakeRtnl]:
     wg, rtnl = FakeWireGuard(kernel), FakeRtnl(kernel)
     return Backends(wireguard=wg, rtnl=rtnl, gc_pause=GcPause()), wg, rtnl

@@ -8,6 +8,8 @@ services of the tree; :class:`FakePort` stands in for a listening port.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.address import IPv6Address
@@ -112,18 +114,23 @@ class WorkerTreeCase(SynchronousTestCase):
         self.ports.append(p)
         return p
 
-    def build(self, config: Config | None = None, manual: bool = False) -> OrderedMultiService:
+    def build(
+        self, config: Config | None = None, manual: bool = False, monotonic: Callable[[], float] = time.monotonic
+    ) -> OrderedMultiService:
         self.config = config or make_config(metrics_interval=60, cleanup_interval=3600, peer_timeout=10800)
         pool: Any = (ManualPoolService if manual else SyncPoolService)(self.backends, self.bus.events)
         self.pool = pool
         root = build_worker(
-            self.config, self.reactor, bus=self.bus, pool=pool, support=(), ifindex=self.kernel.ifindex, listen=self.listen
+            self.config, self.reactor, bus=self.bus, pool=pool, support=(), ifindex=self.kernel.ifindex, listen=self.listen,
+            monotonic=monotonic,
         )
         self.root = root
         return root
 
-    def start(self, config: Config | None = None, manual: bool = False) -> OrderedMultiService:
-        root = self.build(config, manual)
+    def start(
+        self, config: Config | None = None, manual: bool = False, monotonic: Callable[[], float] = time.monotonic
+    ) -> OrderedMultiService:
+        root = self.build(config, manual, monotonic)
         root.startService()
         self.addCleanup(lambda: root.running and root.stopService())
         return root

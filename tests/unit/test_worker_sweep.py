@@ -18,13 +18,14 @@ from tests.support.worker_fakes import (
     backends_for,
     key,
     make_config,
+    slow_dumps,
 )
 from wgkex.worker.backend import PeerInfo
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.domains import Interfaces, domain_interfaces
 from wgkex.worker.peers import KeyApplier
-from wgkex.worker.sweep import SWEEP_CHUNK, Sweeper, dump_keys, find_stale, stale_keys
+from wgkex.worker.sweep import SWEEP_CHUNK, DomainKeys, Sweeper, dump_keys, find_stale, stale_keys
 
 TIMEOUT = 3 * 3600.0
 START = 1_700_000_000.0
@@ -192,38 +193,26 @@ class SweeperTests(SynchronousTestCase):
         sweeper.sweep()
         self.assertEqual(pool.jobs(), ["find_stale"])
 
-    def slow_dumps(self, seconds: float) -> list[float]:
-        """The fake device's dumps take ``seconds`` of a fake monotonic clock; returns that clock (one value)."""
-        now = [0.0]
-        peers = self.wg.peers
-
-        def slow(iface: str) -> list[PeerInfo]:
-            now[0] += seconds
-            return peers(iface)
-
-        self.wg.peers = slow  # type: ignore[method-assign]
-        return now
-
     def test_long_dump_paces_the_next_sweep(self) -> None:
-        """After a sweep whose dump held the device 0.6 s, the next sweep waits 60 s (dumps at most 1 % of the time)."""
-        now = self.slow_dumps(0.6)
+        """After a sweep whose dump held the device 0.6 s, the next sweep waits 120 s (dumps at most 0.5 % of the time)."""
+        now = slow_dumps(self.wg, 0.6)
         config = make_config(cleanup_interval=1)
         sweeper = Sweeper(config, domain_interfaces(config), self.pool, self.known, self.metrics, self.clock,
                           monotonic=lambda: now[0])
         with capturedLogs() as events:
             self.successResultOf(sweeper.sweep())
-        self.assertIn("Next sweep in 60 s rather than 1 s", " ".join(e["log_format"].format(**e) for e in events))
+        self.assertIn("Next sweep in 120 s rather than 1 s", " ".join(e["log_format"].format(**e) for e in events))
         self.pool.jobs.clear()
-        now[0] = 59.0
+        now[0] = 119.0
         self.assertEqual(self.successResultOf(sweeper.sweep()), {})
         self.assertEqual(self.pool.jobs, [])
-        now[0] = 60.1
+        now[0] = 120.1
         self.successResultOf(sweeper.sweep())
         self.assertEqual(self.pool.jobs, ["find_stale"])
 
     def test_kernel_backend_never_paces(self) -> None:
         """With wireguard_backend kernel (chunked dumps, keys go in between) long dumps do not pace sweeps."""
-        now = self.slow_dumps(0.6)
+        now = slow_dumps(self.wg, 0.6)
         config = make_config(cleanup_interval=1, wireguard_backend="kernel")
         sweeper = Sweeper(config, domain_interfaces(config), self.pool, self.known, self.metrics, self.clock,
                           monotonic=lambda: now[0])
@@ -233,7 +222,7 @@ class SweeperTests(SynchronousTestCase):
 
     def test_short_dumps_never_pace(self) -> None:
         """Dumps of 150 ms leave back-to-back sweeps alone."""
-        now = self.slow_dumps(0.15)
+        now = slow_dumps(self.wg, 0.15)
         sweeper = Sweeper(self.config, domain_interfaces(self.config), self.pool, self.known, self.metrics, self.clock,
                           monotonic=lambda: now[0])
         for _ in range(3):
@@ -246,7 +235,8 @@ class SweeperTests(SynchronousTestCase):
         interfaces = {"ffmuc_welt": Interfaces("wg-welt", "vx-welt")}
         result = find_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
         self.assertEqual(result["ffmuc_welt"].stale, [KEY_A])
-        self.assertEqual(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"}), {"ffmuc_welt": [KEY_A]})
+        dumped = dump_keys(self.backends, {"ffmuc_welt": "wg-welt"}, START)["ffmuc_welt"]
+        self.assertEqual(dumped.keys if isinstance(dumped, DomainKeys) else dumped, [KEY_A])
         self.assertEqual(self.wg.gc_during_dump, [False, False])
         self.assertTrue(gc.isenabled())
 
@@ -256,7 +246,7 @@ class SweeperTests(SynchronousTestCase):
         interfaces = {"ffmuc_welt": Interfaces("wg-welt", "vx-welt")}
         result = find_stale(self.backends, interfaces, {}, frozenset(), START, TIMEOUT)
         self.assertIn("boom", result["ffmuc_welt"].error or "")
-        self.assertIn("boom", str(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"})["ffmuc_welt"]))
+        self.assertIn("boom", str(dump_keys(self.backends, {"ffmuc_welt": "wg-welt"}, START)["ffmuc_welt"]))
         self.assertTrue(gc.isenabled())
 
 

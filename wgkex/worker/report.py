@@ -29,7 +29,8 @@ original wgkex read them as before.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, succeed
@@ -50,13 +51,10 @@ from wgkex.contract import (
 )
 from wgkex.worker.backend import InterfaceMissing
 from wgkex.worker.domains import Interfaces, domain_interfaces
+from wgkex.worker.dumps import CONNECTED_WINDOW, DumpPacing, PeerCount, count_peers_of
 from wgkex.bus import Bus
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.pool import Backends, Pool
-
-#: A peer counts as connected with a handshake at most this many seconds old.
-CONNECTED_WINDOW = 180.0
-
 
 @dataclass(frozen=True)
 class DomainData:
@@ -65,14 +63,6 @@ class DomainData:
     public_key: str
     listen_port: int
     link_address: str
-
-
-@dataclass(frozen=True)
-class PeerCount:
-    """Peers of one interface: all of them and those connected."""
-
-    total: int
-    connected: int
 
 
 def read_domain_data(backends: Backends, interfaces: Mapping[str, str]) -> dict[str, DomainData | str]:
@@ -96,12 +86,18 @@ def read_domain_data(backends: Backends, interfaces: Mapping[str, str]) -> dict[
 
 
 def count_peers(
-    backends: Backends, interfaces: Mapping[str, str], now: float, window: float = CONNECTED_WINDOW
-) -> dict[str, PeerCount | str]:
-    """Pool thread: per domain how many peers there are and how many shook hands within ``window``."""
-    result: dict[str, PeerCount | str] = {}
+    backends: Backends,
+    interfaces: Mapping[str, str],
+    now: float,
+    window: float = CONNECTED_WINDOW,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> dict[str, tuple[PeerCount, float] | str]:
+    """Pool thread: per domain its :class:`PeerCount` (peers, and those that shook hands within
+    ``window``) with the seconds the dump took, or a text saying why it could not be read."""
+    result: dict[str, tuple[PeerCount, float] | str] = {}
     for domain, wg in interfaces.items():
         with backends.gc_pause:  # a dump of 100,000 peers: see wgkex.worker.pool.GcPause
+            began = monotonic()
             try:
                 peers = backends.wireguard.peers(wg)
             except InterfaceMissing:
@@ -110,10 +106,8 @@ def count_peers(
             except Exception as exc:
                 result[domain] = f"reading the peers of {wg} failed: {type(exc).__name__}: {exc}"
                 continue
-            connected = sum(
-                1 for p in peers if p.last_handshake is not None and now - p.last_handshake <= window
-            )
-            result[domain] = PeerCount(total=len(peers), connected=connected)
+            held = monotonic() - began
+            result[domain] = (count_peers_of((p.last_handshake for p in peers), now, window), held)
             del peers
     return result
 
@@ -131,7 +125,10 @@ class Reporter:
         metrics: WorkerMetrics,
         clock: IReactorTime,
         interfaces: Mapping[str, Interfaces] | None = None,
+        pacing: DumpPacing | None = None,
     ) -> None:
+        """``pacing``: the worker's one :class:`~wgkex.worker.dumps.DumpPacing`, shared with the
+        sweeper (by default none: every count dumps)."""
         self._worker = config.worker.name
         self._external = config.worker.external_name
         self._domains = config.domains
@@ -142,6 +139,8 @@ class Reporter:
         self._pool = pool
         self._metrics = metrics
         self._clock = clock
+        #: Shared with the sweeper (the worker service hands it on).
+        self.pacing = pacing if pacing is not None else DumpPacing(paced=False)
         self._counting: Deferred[None] | None = None
         #: Domains whose data could not be published yet (retried with each count).
         self._data_missing: set[str] = set(config.domains)
@@ -224,11 +223,22 @@ class Reporter:
                 self._publish(data_topic(self._worker, domain), encode_data(self._endpoint(data)))
 
     def publish_counts(self) -> Deferred[None]:
-        """Count connected peers in the pool, update the gauges, publish when connected."""
+        """Count connected peers in the pool, update the gauges, publish when connected.
+
+        While whole dumps wait (:mod:`wgkex.worker.dumps`), a domain the last
+        dump read is not dumped again: its counts from that dump are published.
+        """
         if self._counting is not None:
             return self._counting
-        counted = self._pool.run(count_peers, dict(self._interfaces), self._clock.seconds())
-        d: Deferred[None] = counted.addCallback(self._got_counts)
+        cached = self.pacing.cached_counts()
+        wanted = {d: wg for d, wg in self._interfaces.items() if d not in cached}
+        started = self.pacing.now()
+        counted: Deferred[dict[str, tuple[PeerCount, float] | str]] = (
+            self._pool.run(count_peers, wanted, self._clock.seconds(), CONNECTED_WINDOW, self.pacing.now)
+            if wanted
+            else succeed({})
+        )
+        d: Deferred[None] = counted.addCallback(self._counted, cached, started)
         d.addErrback(self._log_failure, "counting peers")
         self._counting = d
 
@@ -239,6 +249,16 @@ class Reporter:
         if d.called:
             self._counting = None
         return d
+
+    def _counted(
+        self, fresh: Mapping[str, tuple[PeerCount, float] | str], cached: Mapping[str, PeerCount], started: float
+    ) -> Deferred[None] | None:
+        """A count's dump is back: tell the pacing, then publish it with the cached domains' counts."""
+        read = {d: c for d, c in fresh.items() if not isinstance(c, str)}
+        self.pacing.dumped(started, {d: (held, c.total) for d, (c, held) in read.items()}, {d: c for d, (c, _) in read.items()})
+        counts: dict[str, PeerCount | str] = {d: (c if isinstance(c, str) else c[0]) for d, c in fresh.items()}
+        counts.update(cached)
+        return self._got_counts({d: counts[d] for d in self._interfaces if d in counts})
 
     def _got_counts(self, counts: Mapping[str, PeerCount | str]) -> Deferred[None] | None:
         self.last_counts = dict(counts)

@@ -46,6 +46,7 @@ from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.peers import KeyApplier
 from wgkex.worker.pool import Pool
+from wgkex.worker.dumps import DumpPacing
 from wgkex.worker.report import Reporter
 from wgkex.worker.status import worker_status
 from wgkex.worker.sweep import Sweeper
@@ -114,7 +115,8 @@ class WorkerService(MultiService):
             config, interfaces, lanes.keys, self.known, metrics, reactor, monotonic, own_key=self._own_key
         )
         self.sweeper = Sweeper(
-            config, interfaces, lanes.housekeeping, self.known, metrics, reactor, self.applier.reapply, monotonic
+            config, interfaces, lanes.housekeeping, self.known, metrics, reactor, self.applier.reapply, monotonic,
+            pacing=reporter.pacing,
         )
         self.watch = InterfaceWatch(interfaces, lanes.keys, self._interface_changed, ifindex)
         self.connectivity: ConnectivityCheck | None = None
@@ -190,6 +192,9 @@ class WorkerService(MultiService):
 
     def _interface_changed(self, domain: str, old: InterfaceState | None, new: InterfaceState) -> None:
         wg, vx = self._interfaces[domain].wg, self._interfaces[domain].vx
+        if old is not None or not new.complete:
+            # The last dump's counts may no longer describe the interface: the next count reads it.
+            self.reporter.pacing.forget(domain)
         if not new.complete:
             missing = " and ".join(name for name, index in ((wg, new.wg_index), (vx, new.vx_index)) if index is None)
             if old is None or old.complete:
@@ -299,7 +304,9 @@ def build_worker(
     bus = bus if bus is not None else _mqtt(config, reactor)
     pool = pool if pool is not None else _pool(config, reactor, gc_pause)
     metrics = WorkerMetrics(config.domains)
-    reporter = Reporter(config, bus, pool.housekeeping, metrics, reactor, interfaces)
+    # One pacing of whole dumps for the sweeper and the peer count (wgkex.worker.dumps).
+    pacing = DumpPacing(config.worker.wireguard_backend != "kernel", monotonic)
+    reporter = Reporter(config, bus, pool.housekeeping, metrics, reactor, interfaces, pacing)
     worker = WorkerService(
         config,
         interfaces,

@@ -26,7 +26,8 @@ removal job ran is re-applied right after it. The result updates the memory
 and the metrics on the reactor and is logged as one line. :meth:`Sweeper.seed`
 is the start-up dump that fills the memory.
 
-After a dump that took long, the next sweep waits (:data:`MAX_DUMP_SHARE`).
+After a dump that took long, the next sweep waits, and the peer count reuses what the dump
+counted (:mod:`wgkex.worker.dumps`).
 
 Measured with ``bench/sweep_latency.py`` (100,000 peers and FDB entries,
 ``cleanup_interval`` 0.05 s, a key every 0.25 s on average; a shared 2-core
@@ -61,6 +62,7 @@ from twisted.python.failure import Failure
 from wgkex.config import Config
 from wgkex.keys import lladdr
 from wgkex.worker.backend import InterfaceMissing, PeerInfo, PeersFailed
+from wgkex.worker.dumps import DumpPacing, PeerCount, count_peers_of
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.domains import Interfaces
@@ -98,26 +100,13 @@ def stale_keys(
 #: kernel's device lock) and rtnetlink are held at most that long at a time.
 SWEEP_CHUNK = 256
 
-#: Sweeps hold a WireGuard device with whole dumps at most this share of the time: after a
-#: dump that took ``d`` seconds, the next sweep starts no sooner than ``d / MAX_DUMP_SHARE``
-#: after this one began, however short ``cleanup_interval`` is. A userspace daemon answers a
-#: dump in one piece with its device locked (wireguard-go: 0.5-0.7 s for 65,530 peers,
-#: ``bench/uapi_dump_lock.py``), and a new key's peer waits for it: so at most about 1 % of
-#: new keys arrive during a sweep's dump. Not with ``wireguard_backend: kernel``: the kernel
-#: dumps in netlink chunks and holds the device for one chunk at a time, so keys go in
-#: between. (``auto`` paces: it may be talking to a daemon.)
-MAX_DUMP_SHARE = 0.01
-#: Dumps shorter than this never pace sweeps: a key waiting that long now and then is of no
-#: concern, and a dump of a few peers that took long only because the machine was busy must not
-#: hold short test sweeps back for many seconds.
-PACED_DUMP = 0.2
-
-
 @dataclass
 class DomainSweep:
     """The outcome of sweeping one domain."""
 
     peers: int = 0
+    #: What the dump counted (None when it could not be read): the peer count may publish it.
+    count: PeerCount | None = None
     #: How long the dump took (seconds, reading and parsing it): at least as long as the
     #: device was held for it.
     dump_seconds: float = 0.0
@@ -159,6 +148,7 @@ def find_stale(
                 continue
             result.dump_seconds = monotonic() - began
             result.peers = len(peers)
+            result.count = count_peers_of((p.last_handshake for p in peers), now)
             result.stale, result.unseen = stale_keys(peers, first_seen.get(domain, {}), keep, now, timeout)
             del peers
     return results
@@ -190,13 +180,30 @@ def delete_fdb_entries(backends: Backends, ifaces: Interfaces, keys: Sequence[st
     return []
 
 
-def dump_keys(backends: Backends, interfaces: Mapping[str, str]) -> dict[str, list[str] | str]:
+@dataclass(frozen=True)
+class DomainKeys:
+    """The start-up dump of one domain: every peer's key, what it counted, how long it held the device."""
+
+    keys: list[str]
+    count: PeerCount
+    dump_seconds: float
+
+
+def dump_keys(
+    backends: Backends, interfaces: Mapping[str, str], now: float, monotonic: Callable[[], float] = time.monotonic
+) -> dict[str, DomainKeys | str]:
     """Pool thread: the keys of every peer per domain (or why they could not be read)."""
-    result: dict[str, list[str] | str] = {}
+    result: dict[str, DomainKeys | str] = {}
     for domain, wg in interfaces.items():
         try:
             with backends.gc_pause:  # a dump of 100,000 peers: see wgkex.worker.pool.GcPause
-                result[domain] = [p.public_key for p in backends.wireguard.peers(wg)]
+                began = monotonic()
+                peers = backends.wireguard.peers(wg)
+                held = monotonic() - began
+                result[domain] = DomainKeys(
+                    [p.public_key for p in peers], count_peers_of((p.last_handshake for p in peers), now), held
+                )
+                del peers
         except InterfaceMissing:
             result[domain] = f"interface {wg} does not exist"
         except Exception as exc:
@@ -219,12 +226,14 @@ class Sweeper:
         clock: IReactorTime,
         reapply: Callable[[str, Sequence[str]], object] = lambda domain, keys: None,
         monotonic: Callable[[], float] = time.monotonic,
+        pacing: DumpPacing | None = None,
     ) -> None:
+        """``pacing``: the worker's one :class:`~wgkex.worker.dumps.DumpPacing`, shared with the
+        peer count (by default one of its own, paced unless the backend is the kernel's)."""
         self._interfaces = interfaces
         self._keep = config.worker.keep_keys
         self._timeout = config.worker.peer_timeout
         self._cleanup_interval = config.worker.cleanup_interval
-        self._paced = config.worker.wireguard_backend != "kernel"
         self._lane = lane
         self._known = known
         self._metrics = metrics
@@ -234,37 +243,43 @@ class Sweeper:
         self._monotonic = monotonic
         self._running: Deferred[dict[str, DomainSweep]] | None = None
         self._stopping = False
-        #: No sweep starts before this (monotonic) time: see MAX_DUMP_SHARE.
-        self._paced_until = 0.0
+        self.pacing = pacing if pacing is not None else DumpPacing(config.worker.wireguard_backend != "kernel", monotonic)
         #: The last sweep that finished: (clock time it started, seconds, outcome per domain).
         self.last_sweep: tuple[float, float, dict[str, DomainSweep]] | None = None
 
     def seed(self) -> Deferred[None]:
         """Remember every peer already on the interfaces as first seen now."""
         now = self._clock.seconds()
-        dumped = self._lane.run(dump_keys, {d: i.wg for d, i in self._interfaces.items()})
+        started = self._monotonic()
+        dumped = self._lane.run(dump_keys, {d: i.wg for d, i in self._interfaces.items()}, now, self._monotonic)
 
-        def got(result: Mapping[str, list[str] | str]) -> None:
-            for domain, keys in result.items():
-                if isinstance(keys, str):
-                    self.log.warn("Start-up dump of domain {domain}: {problem}", domain=domain, problem=keys)
+        def got(result: Mapping[str, DomainKeys | str]) -> None:
+            read: dict[str, DomainKeys] = {}
+            for domain, found in result.items():
+                if isinstance(found, str):
+                    self.log.warn("Start-up dump of domain {domain}: {problem}", domain=domain, problem=found)
                     continue
-                self._known.seed(domain, keys, now)
+                read[domain] = found
+                self._known.seed(domain, found.keys, now)
                 self.log.info(
-                    "Found {count} peer(s) on {wg} at start-up", count=len(keys), wg=self._interfaces[domain].wg
+                    "Found {count} peer(s) on {wg} at start-up", count=len(found.keys), wg=self._interfaces[domain].wg
                 )
+            self.pacing.dumped(
+                started, {d: (f.dump_seconds, len(f.keys)) for d, f in read.items()}, {d: f.count for d, f in read.items()}
+            )
 
         d: Deferred[None] = dumped.addCallback(got)
         d.addErrback(lambda f: self.log.failure("the start-up peer dump failed", f))
         return d
 
     def sweep(self) -> Deferred[dict[str, DomainSweep]]:
-        """Run one sweep now (or return the one already running; or nothing, see :data:`MAX_DUMP_SHARE`)."""
+        """Run one sweep now (or return the one already running; or nothing while dumps wait, see
+        :mod:`wgkex.worker.dumps`)."""
         if self._running is not None:
             return self._running
-        started = self._monotonic()
-        if started < self._paced_until:
+        if not self.pacing.allows_dump():
             return succeed({})
+        started = self._monotonic()
         now = self._clock.seconds()
         snapshot = self._known.snapshot()
         d = self._lane.run(
@@ -323,20 +338,20 @@ class Sweeper:
                 self._reapply(domain, lost)
 
     def _pace(self, results: Mapping[str, DomainSweep], started: float) -> None:
-        """Hold the next sweep back after a long dump (:data:`MAX_DUMP_SHARE`)."""
-        longest = max(results.values(), key=lambda r: r.dump_seconds, default=None)
-        if not self._paced or longest is None or longest.dump_seconds < PACED_DUMP:
-            return
-        gap = longest.dump_seconds / MAX_DUMP_SHARE
-        self._paced_until = started + gap
-        if gap > self._cleanup_interval:
+        """Tell the pacing what the dump found and how long it held the device (see :mod:`wgkex.worker.dumps`)."""
+        pause = self.pacing.dumped(
+            started,
+            {d: (r.dump_seconds, r.peers) for d, r in results.items()},
+            {d: r.count for d, r in results.items() if r.count is not None},
+        )
+        if pause is not None and pause.seconds > self._cleanup_interval:
             self.log.info(
                 "Next sweep in {gap:.0f} s rather than {interval:g} s: dumping {peers} peers held the"
-                " WireGuard device {seconds:.2f} s, and new keys wait for that",
-                gap=gap,
+                " WireGuard device {seconds:.2f} s, and new keys wait for that (peer counts reuse this dump meanwhile)",
+                gap=pause.seconds,
                 interval=self._cleanup_interval,
-                peers=longest.peers,
-                seconds=longest.dump_seconds,
+                peers=pause.peers,
+                seconds=pause.held,
             )
 
     def _done(self, results: dict[str, DomainSweep], now: float, started: float) -> dict[str, DomainSweep]:
