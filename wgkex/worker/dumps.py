@@ -22,8 +22,8 @@ between: with ``wireguard_backend: kernel`` nothing is paced.
 Measured with ``bench/sweep_latency.py`` (100,000 peers, sweeps back to back,
 ``metrics_interval`` 60 s): with only the sweeps paced, 3 of the 4 dumps of a
 180 s run were peer counts, and publish-to-installed was 19/202/1062 ms
-(p50/p99/max); see :mod:`wgkex.worker.sweep` for the figures with the pacing
-shared.
+(p50/p99/max); with the pacing shared by every dump, 15.7/40.2/113 ms over
+1,179 keys in 300 s, and a single dump of 0.32 s in the whole run.
 """
 
 from __future__ import annotations

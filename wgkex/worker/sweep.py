@@ -36,14 +36,15 @@ behind the sweep in one thread; 0.13/1.84/2.02 s with the lanes and chunks
 (load 5-12); 26/618/664 ms (load 5) once the fake daemon no longer scanned
 all its peers on every set, where every key over 150 ms had arrived while the
 daemon built a dump (0.4-0.8 s, its device locked) or queued behind such a
-key; with the pacing 19/202/1062 ms over 741 keys in 180 s (load 2-4): each
-key over 140 ms arrived during one of the 4 dumps (3 of them the peer count
-of ``metrics_interval``) or queued behind one that did; from its peer to its
-route and FDB entry a key took 41 ms (p99). The real wireguard-go behaves alike: a set sent during a dump of
-65,530 peers waits 0.5-0.7 s (``bench/uapi_dump_lock.py``). So with a
-userspace daemon at this size p99 stays above 100 ms as long as more than 1 %
-of keys arrive during some dump; the kernel backend dumps in chunks and has
-no such wait.
+key; with the sweeps paced 19/202/1062 ms over 741 keys in 180 s (load 2-4):
+each key over 140 ms arrived during one of the 4 dumps (3 of them the peer
+count of ``metrics_interval``) or queued behind one that did. The real
+wireguard-go behaves alike: a set sent during a dump of 65,530 peers waits
+0.5-0.7 s (``bench/uapi_dump_lock.py``). With one pacing for every dump
+(:mod:`wgkex.worker.dumps`: the count reuses the last dump, 0.5 % of the time
+at most): 15.7/40.2/113 ms over 1,179 keys in 300 s (load 3.2), one dump
+(0.32 s) in the whole run; the 10 keys published during the sweep: p99 91 ms.
+The kernel backend dumps in chunks and has no such wait.
 """
 
 from __future__ import annotations
