@@ -60,7 +60,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.support.fdb_watch import FdbWatch  # noqa: E402
-from tests.support.measure import cpu_seconds, percentile, thread_cpu_seconds  # noqa: E402
+from tests.support.measure import context_switches, cpu_seconds, percentile, thread_cpu_seconds  # noqa: E402
 from tests.support.mqtt_wire import RawPublisher  # noqa: E402
 from tests.support.worker_probe import StatusClient, file_tail  # noqa: E402
 from wgkex.keys import lladdr  # noqa: E402
@@ -240,13 +240,14 @@ def trickle(count: int, rate: float, timeout: float, profile: str | None = None,
             if profile is not None:
                 profiler = start_profiler(f"{profile}-{count}-rate{rate:g}.txt", pids["worker"])
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            threads_before = thread_cpu_seconds(pids["worker"])
+            threads_before, switches_before = thread_cpu_seconds(pids["worker"]), context_switches(pids["worker"])
             sent_at = publisher.publish_paced(f"wireguard/{DOMAIN}/all", [k.encode() for k in keys], rate)
             if not watch.wait_for(set(addresses), timeout):
                 raise RuntimeError(f"{count} keys: only {len(watch.seen)} FDB entries after {timeout:g} s\n"
                                    f"{gw.log_tail()}")
             cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
             threads = {k: round(v - threads_before[k], 2) for k, v in thread_cpu_seconds(pids["worker"]).items()}
+            switches = {k: round((v - switches_before[k]) / count, 2) for k, v in context_switches(pids["worker"]).items()}
             publisher.all_acked.wait(5)
             seconds = max(watch.seen.values()) - sent_at[0]
         finally:
@@ -265,6 +266,7 @@ def trickle(count: int, rate: float, timeout: float, profile: str | None = None,
             "cpu_seconds": {name: round(v, 2) for name, v in cpu.items()},
             "cpu_ms_per_key": {name: round(1000 * v / count, 3) for name, v in cpu.items()},
             "worker_cpu_seconds_by_thread": threads,
+            "worker_sleeps_per_key": switches,
             "latency_ms": {f"p{p}": round(percentile(latencies, p), 1) for p in (50, 90, 99)}
             | {"max": round(max(latencies), 1)},
             "applied": int(applied_total(final)),
