@@ -11,20 +11,28 @@ keys costs a handful of round trips. The batch itself is installed by
 :func:`wgkex.worker.apply.apply_batch` in the lane's thread.
 
 **Keys that trickle in are gathered for a few milliseconds.** A job in the
-keys lane costs about 1 ms of CPU in the worker and 0.2 ms in wireguard-go
-whatever its size (thread hops, a UAPI round trip, two netlink transactions),
-so when routers register one by one (the herd after an outage brings each
-gateway ~300 keys/s, spread out) batches of one key cost several times what a
-burst does per key. So a batch starts no sooner than ``coalesce`` seconds
-after the previous one started (the keys lane's
-:data:`~wgkex.worker.pool.KEYS_COALESCE`, 8 ms): a key arriving after a
-quiet spell goes at once, a key arriving right after a batch started waits at
-most 8 ms and goes with whatever came meanwhile, and in a burst (batches take
-longer than that) nothing ever waits; a whole ``max_batch`` waiting goes at
-once. Measured with ``bench/worker_burst.py 3000 --rate 300`` (2 cores, load
-2.3-3.0 from other benchmarks): mean batch 1.07 -> 2.7 keys, worker CPU per key
-1.29-1.37 -> 0.99 ms, wireguard-go 0.40-0.45 -> 0.36 ms; publish-to-installed
-p50 1.7 -> 7.2 ms, p99 15-23 -> 19-22 ms.
+keys lane costs about 0.8 ms of CPU in the worker and 0.1 ms in wireguard-go
+whatever its size: the lane's thread, the WireGuard thread and the reactor
+each sleep and are woken at least once per job (a wake-up alone costs ~75 us of
+CPU on a 2-core VM, ~130 us through the reactor), plus a UAPI round trip and
+two netlink transactions. When routers register one by one (the herd after an
+outage brings each gateway ~300 keys/s, spread out) batches of one key would
+pay that per key. So a batch starts no sooner than ``coalesce`` seconds after
+the previous one started (the keys lane's
+:data:`~wgkex.worker.pool.KEYS_COALESCE`, 8 ms): a key arriving after a quiet
+spell goes at once, a key arriving right after a batch started waits at most
+8 ms and goes with whatever came meanwhile, and in a burst (batches take
+longer than that) nothing waits; a whole ``max_batch`` waiting goes at once.
+Measured with ``bench/worker_burst.py 3000 --rate 300`` (2 cores shared with
+other benchmarks, load 3.1-3.8, A/B alternating, two runs each), without ->
+with: mean batch 1.3-1.4 -> 3.0-3.1 keys; worker CPU 1.43-1.48 -> 1.07 ms per
+key, wireguard-go 0.50-0.55 -> 0.46-0.48 ms; sleeps per key of the worker's
+pool threads 4.4-4.7 -> 2.0-2.1, of its reactor 1.8-1.9 -> 1.5;
+publish-to-installed p50 2.4-3.0 -> 9.0-9.3 ms, p99 32-37 -> 43-44 ms. At
+1000 keys/s (``5000 --rate 1000``) batches already form by themselves
+(4.5-8.4 keys) and grow to 12-13: worker 0.47-0.54 -> 0.41-0.47 ms per key,
+latency unchanged (p50 15-24 ms, p99 ~80 ms). A 10,000-key burst is as fast as
+before (4.1-4.8 s either way, same CPU).
 
 Every valid key is remembered in :class:`~wgkex.worker.known.KnownKeys`. Keys
 that failed are retried as :mod:`wgkex.worker.retry` says: when the interface
