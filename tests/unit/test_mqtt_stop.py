@@ -34,6 +34,18 @@ class StopTests(MqttTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertTrue(self.pool.stopped)
 
+    def test_disconnect_on_the_wire_before_anyone_hears_of_the_end(self) -> None:
+        """DISCONNECT has left (writes are corked) by the time disconnect callbacks and the stop's Deferred run."""
+        service = self.make()
+        conn = self.start_connected(service)
+        heard: list[list[int]] = []
+        service.add_disconnect_callback(lambda: heard.append([p.kind for p in conn.packets()]))
+        stopped = service.stopService()
+        stopped.addCallback(lambda _: heard.append([p.kind for p in conn.packets()]))
+        self.pump()
+        self.successResultOf(stopped)
+        self.assertEqual(heard, [[DISCONNECT], []])
+
     def test_stop_with_server_down_is_bounded(self) -> None:
         """With the server gone, stop gives up after 5 s and fails what it could not deliver."""
         self.server.stop_listening()

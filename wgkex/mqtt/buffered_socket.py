@@ -89,6 +89,14 @@ class BufferedSocket:
             self._collected = []
         return not self._unsent or self._flush()
 
+    def flush(self) -> bool:
+        """Send what was collected and what waits unsent, now (corked or not, it stays so);
+        True when nothing is left."""
+        corked = self._corked
+        done = self.uncork()
+        self._corked = corked
+        return done
+
     @property
     def unsent(self) -> int:
         """Bytes paho was told are sent that the socket has not taken yet."""

@@ -219,6 +219,18 @@ class ReactorSocket:
             self.abort("unexpected error while writing")
         self._after_io()
 
+    def flush(self) -> None:
+        """Send now what paho wrote into the corked buffer (see :meth:`write`).
+
+        Paho tells its owner that a connection ended (``on_disconnect``) right after
+        writing DISCONNECT and before closing the socket, in the middle of
+        ``loop_write``: the owner calls this first, so the goodbye is on the wire
+        before anything reacts to it (as it was before writes were corked).
+        """
+        descriptor = self.descriptor
+        if descriptor is not None and hasattr(descriptor.sock, "flush"):
+            descriptor.sock.flush()
+
     def misc(self) -> None:
         """Paho's keepalive pings and timeouts (``loop_misc``), while a connection is open."""
         client = self.client

@@ -252,6 +252,7 @@ class MqttService(Service):
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags, reason: ReasonCode, properties: Any
     ) -> None:
+        self._io.flush()  # a DISCONNECT paho just wrote leaves before anything reacts to the end
         self._lost(disconnect_reason(reason, self.settings.keepalive))
 
     def _lost(self, reason: str) -> None:
