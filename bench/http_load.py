@@ -10,8 +10,9 @@ latency and raw reply (or the error that ended it).
 Why not asyncio: its streams cost the herd's load generator 0.43 ms of CPU per
 request (4.3 CPU-s for 10,000 routers, measured 2026-12-02), as much as a third
 of the broker's own work, on the same two cores. This loop makes the same
-requests for about a quarter of that (the module's docstring figures are
-printed as ``client_cpu_ms_per_request`` by ``bench/broker.py``).
+requests for 0.09-0.12 ms each against ``bench/broker.py --control``'s servers
+(its ``client_cpu_ms_per_request``), and ``bench/herd.py --server mosquitto``
+spent 1.3-1.5 CPU-s in it for 10,000 routers (load 2-3).
 
 Per request it makes the system calls a client cannot avoid: ``socket``,
 ``connect`` (returns at once; on loopback the handshake is already done, so
