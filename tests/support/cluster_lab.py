@@ -94,11 +94,13 @@ class ClusterLab:
         metrics_interval: float = 5.0,
         mirror: bool = True,
         directory: str | None = None,
+        rabbitmq: dict[str, Any] | None = None,
     ) -> None:
         self.id = "c" + secrets.token_hex(3)
         self.directory = directory or tempfile.mkdtemp(prefix=f"wgkex-{self.id}-")
         self.ledger = Ledger(os.path.join(self.directory, "lab"))
-        self.cluster = RabbitCluster(os.path.join(self.directory, "rabbitmq"), size=nodes, mirror=mirror)
+        self.cluster = RabbitCluster(os.path.join(self.directory, "rabbitmq"), size=nodes, mirror=mirror,
+                                    **(rabbitmq or {}))
         self.gateway_names = list(gateways)
         self.broker_count = brokers
         self.metrics_interval = metrics_interval

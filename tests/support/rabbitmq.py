@@ -38,6 +38,15 @@ Facts this harness is built on (verified with Debian's 3.10.8 here; see the
 * An MQTT persistent session's queue (``mqtt-subscription-<client id>qos1``)
   is a classic queue on the node the client first connected to; the policy
   :data:`MIRROR_POLICY` mirrors it to every node so it survives that node.
+* The plugin sends a subscriber at most ``mqtt.prefetch`` unacknowledged
+  messages (default 10). The worker acknowledges a key once installed, so 10
+  capped its batches; :data:`MQTT_PREFETCH` (1000, the broker's publish window)
+  lets it take the keys of a herd in large batches. A key delivered but not
+  acknowledged when a node dies is delivered again, so nothing is lost.
+* Erlang's schedulers busy-wait for work before they sleep by default, but
+  RabbitMQ's start script already turns that off (``+sbwt none +sbwtdcpu none
+  +sbwtdio none`` from ``RABBITMQ_SCHEDULER_BUSY_WAIT_THRESHOLD=none`` in
+  ``sbin/rabbitmq-env``; seen in ``beam.smp``'s command line): nothing to add.
 """
 
 from __future__ import annotations
@@ -65,6 +74,8 @@ MIRROR_POLICY = {
     "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"},
     "apply-to": "queues",
 }
+#: ``mqtt.prefetch``: keys in flight to a worker (see :meth:`RabbitNode.write_files`).
+MQTT_PREFETCH = 1000
 
 
 def have_rabbitmq() -> bool:
@@ -136,7 +147,8 @@ class RabbitNode:
             RABBITMQ_PID_FILE=os.path.join(self.directory, "rabbitmq.pid"),
             RABBITMQ_ALLOW_INPUT="1",
             # -noinput: no Erlang shell; distribution only on the loopback address.
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-noinput -kernel inet_dist_use_interface {127,0,0,1}",
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=" ".join(
+                ["-noinput -kernel inet_dist_use_interface {127,0,0,1}", *self.cluster.erl_args]),
         )
         return env
 
@@ -148,11 +160,16 @@ class RabbitNode:
             f"listeners.tcp.default = {self.host}:{self.amqp_port}",
             f"mqtt.listeners.tcp.default = {self.host}:{self.mqtt_port}",
             "mqtt.allow_anonymous = true",
+            # Unacknowledged messages the server sends one subscriber (default 10). The worker
+            # acknowledges a key once it is installed and installs keys in batches: with 10 it
+            # got batches of at most 10 and the herd took 56 s instead of 22 s.
+            f"mqtt.prefetch = {MQTT_PREFETCH}",
             "loopback_users = none",
             "log.console = false",
             "log.file.level = info",
             # A test's data directory is small and temporary: no free-disk alarm.
             "disk_free_limit.absolute = 1MB",
+            *self.cluster.settings,
         ]
         if seed is not None:
             # Peer discovery from a fixed list: what `rabbitmqctl join_cluster` does, without
@@ -236,14 +253,24 @@ class RabbitNode:
 
 
 class RabbitCluster:
-    """``size`` RabbitMQ nodes with the MQTT plugin, clustered, with MQTT sessions mirrored."""
+    """``size`` RabbitMQ nodes with the MQTT plugin, clustered, with MQTT sessions mirrored.
 
-    def __init__(self, directory: str, size: int = 3, mirror: bool = True) -> None:
+    ``erl_args`` are added to every node's Erlang VM flags, ``settings`` (lines
+    of ``rabbitmq.conf``) to its config, and ``policy`` replaces
+    :data:`MIRROR_POLICY`: knobs for benchmarks comparing configurations.
+    """
+
+    def __init__(self, directory: str, size: int = 3, mirror: bool = True, *,
+                 erl_args: Sequence[str] = (), settings: Sequence[str] = (),
+                 policy: dict[str, object] | None = None) -> None:
         if not 1 <= size <= 26:
             raise ValueError("a cluster has 1 to 26 nodes")
         self.id = secrets.token_hex(3)
         self.directory = directory
         self.mirror = mirror
+        self.erl_args = list(erl_args or ())
+        self.settings = list(settings)
+        self.policy = policy or MIRROR_POLICY
         self.home = os.path.join(directory, "home")
         self.epmd_port = free_port()
         self.epmd: Proc | None = None
@@ -309,7 +336,7 @@ class RabbitCluster:
             for node in others:
                 node.wait_ready(max(1.0, deadline - time.monotonic()))
         if self.mirror:
-            p = MIRROR_POLICY
+            p = self.policy
             first.ctl("set_policy", "--apply-to", str(p["apply-to"]), str(p["name"]), str(p["pattern"]),
                       json.dumps(p["definition"]))
         self.check_members(self.nodes)
@@ -385,4 +412,4 @@ class RabbitCluster:
         return list(value) if isinstance(value, list) else []
 
 
-__all__ = ["MIRROR_POLICY", "RabbitCluster", "RabbitNode", "have_rabbitmq", "mqtt_connack"]
+__all__ = ["MIRROR_POLICY", "MQTT_PREFETCH", "RabbitCluster", "RabbitNode", "have_rabbitmq", "mqtt_connack"]
