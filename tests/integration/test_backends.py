@@ -197,7 +197,7 @@ class BackendsTests(TestCase):
         for _ in range(2):
             self.wireguard.remove_peers(WG, [KEY_2])
             self.rtnl.delete_routes(WG, [ADDRESS_2])
-            self.rtnl.delete_fdb(VX, [ADDRESS_2])
+            self.rtnl.delete_fdb(VX, [ADDRESS_2], WG)  # the second time absent: found nowhere, fine
         self.assert_installed([KEY_1, KEY_3])
 
     def test_missing_interface_then_recreated(self) -> None:
@@ -227,6 +227,6 @@ class BackendsTests(TestCase):
         self.assertEqual(len(self.ns.fdb()), 600)
         self.assertEqual(len(self.wireguard.peers(WG)), 600)
         self.rtnl.delete_routes(WG, [lladdr(k) for k in keys[:300]])
-        self.rtnl.delete_fdb(VX, [lladdr(k) for k in keys[:300]])
+        self.rtnl.delete_fdb(VX, [lladdr(k) for k in keys[:300]], WG)  # as appended: no dump
         self.wireguard.remove_peers(WG, keys[:300])
         self.assert_installed(keys[300:])

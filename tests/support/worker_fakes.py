@@ -219,7 +219,7 @@ class FakeRtnl:
         self.calls.append(("delete_routes", iface, len(addresses)))
         self._need(iface, self.kernel.routes).difference_update(addresses)
 
-    def delete_fdb(self, vx_iface: str, addresses: Sequence[str]) -> None:
+    def delete_fdb(self, vx_iface: str, addresses: Sequence[str], via_iface: str | None = None) -> None:
         self.calls.append(("delete_fdb", vx_iface, len(addresses)))
         entries = self._need(vx_iface, self.kernel.fdb)
         self.kernel.fdb[vx_iface] = {e for e in entries if e[0] not in addresses}

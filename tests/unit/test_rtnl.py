@@ -49,6 +49,8 @@ class FakeIPRoute:
         self.links = dict(links)
         self.routes: dict[str, int] = {}  # dst -> oif
         self.fdb: dict[int, set[tuple[str, int]]] = {}  # vx index -> {(dst, via)}
+        #: FDB dumps asked for.
+        self.fdb_dumps = 0
         self.refuse: set[str] = set()  # destinations refused with EINVAL
         self.eexist: set[str] = set()  # FDB appends answered EEXIST (as a kernel might)
         self.ack_capacity: int | None = None  # acks that fit before ENOBUFS (per send)
@@ -170,6 +172,7 @@ class FakeIPRoute:
     def _dump_fdb(self, request: bytes, seq: int) -> None:
         _, _, flags, _, _ = HEADER.unpack_from(request)
         assert flags == NLM_F_REQUEST | NLM_F_DUMP
+        self.fdb_dumps += 1
         (family, index) = struct.unpack_from("=Bxxxi", request, 16)
         assert family == socket.AF_BRIDGE
         for vx, entries in self.fdb.items():
@@ -307,6 +310,28 @@ class FdbTests(RtnlTestCase):
         self.rtnl.delete_fdb("vx-a", [A[0], A[2], A[4], A[9]])
         self.assertEqual(self.kernel.fdb[6], {(A[1], 5)})
         self.assertEqual(self.kernel.fdb[7], {(A[0], 5)})
+
+    def test_delete_fdb_via_deletes_without_a_dump(self) -> None:
+        """Told the via interface, delete_fdb removes the worker's own entries without dumping the FDB."""
+        self.rtnl.append_fdb("vx-a", "wg-a", A[:5])
+        self.rtnl.delete_fdb("vx-a", [A[0], A[3], A[9]], "wg-a")
+        self.assertEqual(self.kernel.fdb[6], {(A[1], 5), (A[2], 5), (A[4], 5)})
+        self.assertEqual(self.kernel.fdb_dumps, 1)  # A[9] is nowhere: looked up once, absent is fine
+
+    def test_delete_fdb_via_falls_back_to_the_dump(self) -> None:
+        """An entry made without "via" (by hand) is still found and deleted, through one dump."""
+        self.rtnl.append_fdb("vx-a", "wg-a", A[:2])
+        self.kernel.fdb[6].add((A[4], 0))
+        self.rtnl.delete_fdb("vx-a", [A[0], A[4]], "wg-a")
+        self.assertEqual(self.kernel.fdb[6], {(A[1], 5)})
+        self.assertEqual(self.kernel.fdb_dumps, 1)
+
+    def test_delete_fdb_via_only_own_entries_no_dump(self) -> None:
+        """When every destination was appended via the interface, no dump at all."""
+        self.rtnl.append_fdb("vx-a", "wg-a", A[:3])
+        self.rtnl.delete_fdb("vx-a", A[:3], "wg-a")
+        self.assertEqual(self.kernel.fdb[6], set())
+        self.assertEqual(self.kernel.fdb_dumps, 0)
 
     def test_delete_fdb_on_missing_interface_is_fine(self) -> None:
         """Entries of a VXLAN interface that is gone are gone too: nothing to do."""

@@ -104,8 +104,9 @@ class Rtnl(Protocol):
     def delete_routes(self, iface: str, addresses: Sequence[str]) -> None:
         """Remove the /128 routes (absent ones are fine)."""
 
-    def delete_fdb(self, vx_iface: str, addresses: Sequence[str]) -> None:
-        """Remove the all-zero FDB entries with these destinations (absent ones are fine)."""
+    def delete_fdb(self, vx_iface: str, addresses: Sequence[str], via_iface: str | None = None) -> None:
+        """Remove the all-zero FDB entries with these destinations (absent ones are fine); ``via_iface``:
+        the WireGuard interface they were appended via, if known (saves a dump of the whole FDB)."""
 
     def link_local_address(self, iface: str) -> str | None:
         """The first fe80::/10 address configured on ``iface``, or None."""

@@ -131,12 +131,17 @@ class PyrouteRtnl:
             )
         self._raise_failures(iface, "delete routes", failures)
 
-    def delete_fdb(self, vx_iface: str, addresses: Sequence[str]) -> None:
+    def delete_fdb(self, vx_iface: str, addresses: Sequence[str], via_iface: str | None = None) -> None:
         """Remove the all-zero FDB destinations ``addresses`` of ``vx_iface``; absent ones are fine.
 
         The kernel only deletes a destination when the request names its
-        ``via`` interface (and port/VNI if not the defaults), so the entries are
-        dumped first (filtered in Python) and deleted exactly as dumped.
+        ``via`` interface (and port/VNI if not the defaults). With ``via_iface``
+        the destinations are first deleted as :meth:`append_fdb` adds them (via
+        that interface, default port and VNI): no dump, which matters on a
+        gateway whose FDB holds 100,000 destinations. Those the kernel does not
+        find that way (added by hand or by another program), and all of them
+        without ``via_iface``, are looked up in a dump (filtered in Python) and
+        deleted exactly as dumped.
         """
         wanted: dict[bytes, str] = {}
         failures: dict[str, str] = {}
@@ -151,18 +156,46 @@ class PyrouteRtnl:
             if vx_index is None or not wanted:
                 self._raise_failures(vx_iface, "delete FDB entries", failures)
                 return  # the entries went away with the interface
-            requests: list[tuple[int, int, bytes]] = []
-            names: list[str] = []
-            for dst, via, port, vni in self._socket.fdb_zero_entries(vx_index, wanted):
-                if dst in wanted:
-                    requests.append(
-                        (RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, fdb_payload(vx_index, dst, via, port=port, vni=vni))
-                    )
-                    names.append(wanted[dst])
-            for name, code in zip(names, self._socket.transact(requests)):
-                if code not in (0, errno.ENOENT, errno.ENODEV):
-                    failures[name] = f"fdb delete failed: {errno_text(code)}"
+            if via_iface is not None:
+                self._indexes.pop(via_iface, None)
+                via_index = self._ifindex(via_iface)
+                if via_index is not None:
+                    wanted = self._delete_fdb_as_added(vx_index, via_index, wanted, failures)
+            if wanted:
+                self._delete_fdb_as_dumped(vx_index, wanted, failures)
         self._raise_failures(vx_iface, "delete FDB entries", failures)
+
+    def _delete_fdb_as_added(
+        self, vx_index: int, via_index: int, wanted: dict[bytes, str], failures: dict[str, str]
+    ) -> dict[bytes, str]:
+        """Delete ``wanted`` as appended via ``via_index``; returns those not found that way."""
+        items = list(wanted.items())
+        requests = [
+            (RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, fdb_payload(vx_index, dst, via_index)) for dst, _ in items
+        ]
+        left: dict[bytes, str] = {}
+        for (dst, name), code in zip(items, self._socket.transact(requests)):
+            # ENOENT: no such destination via that interface; EADDRNOTAVAIL: the via
+            # interface went away meanwhile. Either way the dump finds it, if it is there.
+            if code in (errno.ENOENT, errno.EADDRNOTAVAIL):
+                left[dst] = name
+            elif code not in (0, errno.ENODEV):
+                failures[name] = f"fdb delete failed: {errno_text(code)}"
+        return left
+
+    def _delete_fdb_as_dumped(self, vx_index: int, wanted: dict[bytes, str], failures: dict[str, str]) -> None:
+        """Dump ``vx_index``'s all-zero destinations and delete those in ``wanted`` exactly as dumped."""
+        requests: list[tuple[int, int, bytes]] = []
+        names: list[str] = []
+        for dst, via, port, vni in self._socket.fdb_zero_entries(vx_index, wanted):
+            if dst in wanted:
+                requests.append(
+                    (RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, fdb_payload(vx_index, dst, via, port=port, vni=vni))
+                )
+                names.append(wanted[dst])
+        for name, code in zip(names, self._socket.transact(requests)):
+            if code not in (0, errno.ENOENT, errno.ENODEV):
+                failures[name] = f"fdb delete failed: {errno_text(code)}"
 
     def link_local_address(self, iface: str) -> str | None:
         """The link-local address configured on ``iface``, or None (also when it is missing).

@@ -17,8 +17,9 @@ applied at once in the *keys* lane (:mod:`wgkex.worker.pool`):
 2. :func:`remove_chunk` removes the stale peers and their routes,
    :data:`SWEEP_CHUNK` keys per job, so the WireGuard device and rtnetlink
    are never held long at a time;
-3. :func:`delete_fdb_entries` deletes their FDB entries in one job (it reads
-   the whole FDB once).
+3. :func:`delete_fdb_entries` deletes their FDB entries in one job, as the
+   worker appended them (via ``wg-<D>``): the FDB is dumped only for entries
+   made some other way.
 
 Before each removal job, keys received again from the bus since the sweep
 began are taken out (their routers are alive); a key received while its
@@ -175,7 +176,7 @@ def remove_chunk(backends: Backends, ifaces: Interfaces, keys: Sequence[str]) ->
 def delete_fdb_entries(backends: Backends, ifaces: Interfaces, keys: Sequence[str]) -> list[str]:
     """Housekeeping lane: delete the FDB entries of these (removed) keys; the problems, if any."""
     try:
-        backends.rtnl.delete_fdb(ifaces.vx, [lladdr(k) for k in keys])
+        backends.rtnl.delete_fdb(ifaces.vx, [lladdr(k) for k in keys], ifaces.wg)
     except Exception as exc:
         return [f"deleting the FDB entries failed: {type(exc).__name__}: {exc}"]
     return []
