@@ -24,8 +24,9 @@ the daemon, waiting there for the device, from its peer to its route and FDB
 entry, from the fake daemon's request log) and how many keys arrived while a
 dump held the device.
 
-The worker paces sweeps after long dumps (``wgkex.worker.sweep.MAX_DUMP_SHARE``):
-at 100,000 peers about one per minute, however short ``cleanup_interval`` is,
+The worker paces whole dumps, the sweep's and the peer count's alike
+(``wgkex.worker.dumps.MAX_DUMP_SHARE``): at 100,000 peers one every one to three
+minutes, however short ``cleanup_interval`` is,
 so ``--duration`` should span a few minutes.
 """
 
