@@ -40,6 +40,7 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -315,6 +316,8 @@ def main() -> None:
     parser.add_argument("--stale-fraction", type=float, default=0.01)
     parser.add_argument("--baseline", action="store_true",
                         help="no sweeps while measuring (cleanup_interval 3600 s): the same keys without a sweep")
+    parser.add_argument("--keep-logs", metavar="DIR", default=None,
+                        help="copy the worker's log and the fake daemon's request log into DIR")
     parser.add_argument("--monitor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.monitor:
@@ -328,7 +331,13 @@ def main() -> None:
     args.interval = 3600.0 if args.baseline else 0.05
     args.metrics_interval = 60.0
     with Bench(args) as bench:
-        print(json.dumps(measure(bench, args)), flush=True)
+        try:
+            print(json.dumps(measure(bench, args)), flush=True)
+        finally:
+            if args.keep_logs:
+                os.makedirs(args.keep_logs, exist_ok=True)
+                for name in ("worker.log", "fake-uapi.log"):
+                    shutil.copy(os.path.join(bench.dir, name), args.keep_logs)
 
 
 if __name__ == "__main__":
