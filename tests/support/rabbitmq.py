@@ -61,11 +61,11 @@ import secrets
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Sequence
 
+from tests.support.mqtt_probe import mqtt_connack
 from wgkex.lab.mosquitto import free_port
 from wgkex.lab.proc import LabError, Proc, spawn, wait_until
 
@@ -85,30 +85,6 @@ MQTT_PREFETCH = 1000
 def have_rabbitmq() -> bool:
     """True when Debian's rabbitmq-server and Erlang's epmd are installed."""
     return os.path.exists(os.path.join(RABBIT_BIN, "rabbitmq-server")) and os.path.exists(EPMD)
-
-
-def mqtt_connack(host: str, port: int, timeout: float = 2.0) -> int | None:
-    """CONNECT with a fresh clean-session client id; the CONNACK return code, None if none came."""
-    client_id = b"wgkex-probe-" + secrets.token_hex(4).encode()
-    var = b"\x00\x04MQTT\x04\x02\x00\x0a"  # MQTT 3.1.1, clean session, keepalive 10 s
-    body = var + len(client_id).to_bytes(2, "big") + client_id
-    packet = bytes([0x10, len(body)]) + body
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            s.sendall(packet)
-            reply = b""
-            while len(reply) < 4:
-                chunk = s.recv(4 - len(reply))
-                if not chunk:
-                    return None
-                reply += chunk
-            s.sendall(b"\xe0\x00")  # DISCONNECT
-    except OSError:
-        return None
-    if reply[0] != 0x20:
-        return None
-    return int(struct.unpack("!BBBB", reply)[3])
 
 
 class RabbitNode:
@@ -416,4 +392,4 @@ class RabbitCluster:
         return list(value) if isinstance(value, list) else []
 
 
-__all__ = ["MIRROR_POLICY", "MQTT_PREFETCH", "RabbitCluster", "RabbitNode", "have_rabbitmq", "mqtt_connack"]
+__all__ = ["MIRROR_POLICY", "MQTT_PREFETCH", "RabbitCluster", "RabbitNode", "have_rabbitmq"]

@@ -10,29 +10,8 @@ become the next batch, at most ``max_batch`` keys. So a burst of thousands of
 keys costs a handful of round trips. The batch itself is installed by
 :func:`wgkex.worker.apply.apply_batch` in the lane's thread.
 
-**Keys that trickle in are gathered for a few milliseconds.** A job in the
-keys lane costs about 0.8 ms of CPU in the worker and 0.1 ms in wireguard-go
-whatever its size: the lane's thread, the WireGuard thread and the reactor
-each sleep and are woken at least once per job (a wake-up alone costs ~75 us of
-CPU on a 2-core VM, ~130 us through the reactor), plus a UAPI round trip and
-two netlink transactions. When routers register one by one (the herd after an
-outage brings each gateway ~300 keys/s, spread out) batches of one key would
-pay that per key. So a batch starts no sooner than ``coalesce`` seconds after
-the previous one started (the keys lane's
-:data:`~wgkex.worker.pool.KEYS_COALESCE`, 8 ms): a key arriving after a quiet
-spell goes at once, a key arriving right after a batch started waits at most
-8 ms and goes with whatever came meanwhile, and in a burst (batches take
-longer than that) nothing waits; a whole ``max_batch`` waiting goes at once.
-Measured with ``bench/worker_burst.py 3000 --rate 300`` (2 cores shared with
-other benchmarks, load 3.1-3.8, A/B alternating, two runs each), without ->
-with: mean batch 1.3-1.4 -> 3.0-3.1 keys; worker CPU 1.43-1.48 -> 1.07 ms per
-key, wireguard-go 0.50-0.55 -> 0.46-0.48 ms; sleeps per key of the worker's
-pool threads 4.4-4.7 -> 2.0-2.1, of its reactor 1.8-1.9 -> 1.5;
-publish-to-installed p50 2.4-3.0 -> 9.0-9.3 ms, p99 32-37 -> 43-44 ms. At
-1000 keys/s (``5000 --rate 1000``) batches already form by themselves
-(4.5-8.4 keys) and grow to 12-13: worker 0.47-0.54 -> 0.41-0.47 ms per key,
-latency unchanged (p50 15-24 ms, p99 ~80 ms). A 10,000-key burst is as fast as
-before (4.1-4.8 s either way, same CPU).
+Keys that trickle in wait a few milliseconds to share a batch
+(:class:`~wgkex.worker.coalesce.BatchHold`).
 
 Every valid key is remembered in :class:`~wgkex.worker.known.KnownKeys`. Keys
 that failed are retried as :mod:`wgkex.worker.retry` says: when the interface
@@ -64,7 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -72,6 +51,7 @@ from wgkex.bus import Redeliver
 from wgkex.config import Config
 from wgkex.contract import Refused, decode_key_message
 from wgkex.worker.apply import DomainResult, KeyFailure, apply_batch
+from wgkex.worker.coalesce import BatchHold
 from wgkex.worker.domains import Interfaces
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
@@ -126,11 +106,7 @@ class KeyApplier:
         self._metrics = metrics
         self._clock = clock
         self._monotonic = monotonic
-        self._coalesce: float = getattr(lane, "coalesce", 0.0) if coalesce is None else coalesce
-        #: Clock time the last batch was handed to the lane (None before the first).
-        self._last_start: float | None = None
-        #: The delayed start of a batch that is gathering keys.
-        self._hold: IDelayedCall | None = None
+        self._hold = BatchHold(clock, getattr(lane, "coalesce", 0.0) if coalesce is None else coalesce, self._kick)
         self._invalid_log = RateLimitedLog(self.log, clock, 10.0, "messages from the bus")
         # (domain, key) in arrival order; a dict is an insertion-ordered set.
         self._pending: dict[tuple[str, str], None] = {}
@@ -262,12 +238,12 @@ class KeyApplier:
         self._kicking = True
         try:
             while not self._busy and self._pending:
-                if self._held():
+                if self._hold.holds(len(self._pending) >= self._max_batch):
                     break
                 batch, waiters = self._take_batch()
                 size = sum(len(keys) for keys in batch.values())
                 self._busy = True
-                self._last_start = self._clock.seconds()
+                self._hold.started()
                 d = self._lane.run(apply_batch, batch, self._interfaces)
                 d.addCallbacks(
                     self._batch_done,
@@ -283,28 +259,6 @@ class KeyApplier:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
-
-    def _held(self) -> bool:
-        """True while the next batch waits for more keys (the last one started less than ``coalesce`` ago)."""
-        if len(self._pending) >= self._max_batch:
-            if self._hold is not None:
-                self._hold.cancel()
-                self._hold = None
-            return False
-        if self._hold is not None:
-            return True
-        if self._last_start is None:
-            return False
-        # Bounded by the interval itself, so a clock stepped back never holds keys longer.
-        wait = min(self._last_start + self._coalesce - self._clock.seconds(), self._coalesce)
-        if wait <= 0:
-            return False
-        self._hold = self._clock.callLater(wait, self._release)
-        return True
-
-    def _release(self) -> None:
-        self._hold = None
-        self._kick()
 
     def _batch_finished(self, attempted: object, waiters: list[Deferred[None]]) -> None:
         self._busy = False
@@ -390,9 +344,7 @@ class KeyApplier:
 
         def give_up() -> None:
             self._accepting = False
-            if self._hold is not None:
-                self._hold.cancel()
-                self._hold = None
+            self._hold.cancel()
             dropped = len(self._pending)
             self._pending = {}
             waiters, self._waiters = self._waiters, {}
