@@ -31,6 +31,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wgkex.worker.backend import PeerInfo
+    from wgkex.worker.pool import Backends
 
 #: A peer counts as connected with a handshake at most this many seconds old.
 CONNECTED_WINDOW = 180.0
@@ -61,6 +66,14 @@ def count_peers_of(last_handshakes: Iterable[float | None], now: float, window: 
         if handshake and now - handshake <= window:
             connected += 1
     return PeerCount(total=total, connected=connected)
+
+
+def timed_dump(backends: Backends, wg: str, monotonic: Callable[[], float]) -> tuple[list[PeerInfo], float]:
+    """Pool thread: every peer of ``wg`` and the seconds the dump took (call it inside
+    ``backends.gc_pause``, which must also cover what is done with the peers)."""
+    began = monotonic()
+    peers = backends.wireguard.peers(wg)
+    return peers, monotonic() - began
 
 
 @dataclass(frozen=True)

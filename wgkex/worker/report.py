@@ -51,7 +51,7 @@ from wgkex.contract import (
 )
 from wgkex.worker.backend import InterfaceMissing
 from wgkex.worker.domains import Interfaces, domain_interfaces
-from wgkex.worker.dumps import CONNECTED_WINDOW, DumpPacing, PeerCount, count_peers_of
+from wgkex.worker.dumps import CONNECTED_WINDOW, DumpPacing, PeerCount, count_peers_of, timed_dump
 from wgkex.bus import Bus
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.pool import Backends, Pool
@@ -97,16 +97,14 @@ def count_peers(
     result: dict[str, tuple[PeerCount, float] | str] = {}
     for domain, wg in interfaces.items():
         with backends.gc_pause:  # a dump of 100,000 peers: see wgkex.worker.pool.GcPause
-            began = monotonic()
             try:
-                peers = backends.wireguard.peers(wg)
+                peers, held = timed_dump(backends, wg, monotonic)
             except InterfaceMissing:
                 result[domain] = f"interface {wg} does not exist"
                 continue
             except Exception as exc:
                 result[domain] = f"reading the peers of {wg} failed: {type(exc).__name__}: {exc}"
                 continue
-            held = monotonic() - began
             result[domain] = (count_peers_of((p.last_handshake for p in peers), now, window), held)
             del peers
     return result

@@ -64,7 +64,7 @@ from twisted.python.failure import Failure
 from wgkex.config import Config
 from wgkex.keys import lladdr
 from wgkex.worker.backend import InterfaceMissing, PeerInfo, PeersFailed
-from wgkex.worker.dumps import DumpPacing, PeerCount, count_peers_of
+from wgkex.worker.dumps import DumpPacing, PeerCount, count_peers_of, timed_dump
 from wgkex.worker.known import KnownKeys
 from wgkex.worker.metrics import WorkerMetrics
 from wgkex.worker.domains import Interfaces
@@ -139,16 +139,14 @@ def find_stale(
     for domain, ifaces in interfaces.items():
         result = results[domain] = DomainSweep()
         with backends.gc_pause:  # a dump of 100,000 peers: see wgkex.worker.pool.GcPause
-            began = monotonic()
             try:
-                peers = backends.wireguard.peers(ifaces.wg)
+                peers, result.dump_seconds = timed_dump(backends, ifaces.wg, monotonic)
             except InterfaceMissing:
                 result.error = f"interface {ifaces.wg} does not exist"
                 continue
             except Exception as exc:
                 result.error = f"dumping the peers of {ifaces.wg} failed: {type(exc).__name__}: {exc}"
                 continue
-            result.dump_seconds = monotonic() - began
             result.peers = len(peers)
             result.count = count_peers_of((p.last_handshake for p in peers), now)
             result.stale, result.unseen = stale_keys(peers, first_seen.get(domain, {}), keep, now, timeout)
@@ -199,9 +197,7 @@ def dump_keys(
     for domain, wg in interfaces.items():
         try:
             with backends.gc_pause:  # a dump of 100,000 peers: see wgkex.worker.pool.GcPause
-                began = monotonic()
-                peers = backends.wireguard.peers(wg)
-                held = monotonic() - began
+                peers, held = timed_dump(backends, wg, monotonic)
                 result[domain] = DomainKeys(
                     [p.public_key for p in peers], count_peers_of((p.last_handshake for p in peers), now), held
                 )
