@@ -249,9 +249,18 @@ class LabFaultTests(SynchronousTestCase):
         try:
             wait_for(lambda: not missing(), timeout, interval=0.5, what=f"{len(keys)} keys as peers on gw1")
         except AssertionError:
-            with open(os.path.join(gw.directory, "worker.log"), errors="replace") as f:
-                tail = f.read()[-4000:]
-            raise AssertionError(f"{len(missing())} of {len(keys)} keys missing on gw1; worker log:\n{tail}") from None
+            logs = {"worker": os.path.join(gw.directory, "worker.log"),
+                    "broker": os.path.join(lab.directory, "broker.log")}
+            if lab.mosquitto is not None:
+                logs["mosquitto"] = lab.mosquitto.log_path
+            tails = []
+            for name, path in logs.items():
+                with open(path, errors="replace") as f:
+                    tails.append(f"--- {name} log ({path}):\n{f.read()[-6000:]}")
+            counts = {name: value for name, value in broker_metrics(lab.broker_url).items()
+                      if name.startswith(("wgkex_broker_keys", "wgkex_broker_replays", "wgkex_broker_mqtt"))}
+            raise AssertionError(f"{len(missing())} of {len(keys)} keys missing on gw1; broker: {counts}\n"
+                                 + "\n".join(tails)) from None
         for key in keys[:: max(1, len(keys) // 20)]:  # route and FDB too, on a sample
             self.assertTrue(gw.has_router(key), key)
 

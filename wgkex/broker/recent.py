@@ -4,9 +4,12 @@
 ``broker.replay_window`` seconds, at most ``broker.replay_limit`` of them
 (32 bytes each, packed per domain and second: 100,000 keys take about 3 MB).
 :class:`RecordingBus` feeds it: the key exchange publishes through it, and a
-key is remembered once the server's PUBACK arrives (until then the outbox and
-its spool hold it). Why the broker keeps them at all is in
-:mod:`wgkex.broker.replay`.
+key is remembered once the server's PUBACK arrives. Until then the outbox and
+its spool hold it, and :class:`RecentKeys` counts it as *unacknowledged*: a
+replay includes those too, because the server may already have dropped such a
+key for want of a subscriber while its PUBACK is still on the way (a worker's
+status can overtake it, and that status is what starts the replay). Why the
+broker keeps keys at all is in :mod:`wgkex.broker.replay`.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class RecentKeys:
         #: domain -> seconds, oldest first
         self._domains: dict[str, deque[_Second]] = {}
         self._count = 0
+        #: domain -> key (raw) -> copies handed to the bus and not yet acknowledged or failed
+        #: (bounded by the outbox's queue limit: the bus refuses keys beyond it)
+        self._unacked: dict[str, dict[bytes, int]] = {}
 
     def __len__(self) -> int:
         """Keys held now (duplicates included)."""
@@ -76,18 +82,51 @@ class RecentKeys:
         while self._count > self.limit:
             self._drop_oldest(self._count - self.limit)
 
+    def sending(self, domain: str, key: str) -> bytes | None:
+        """``key`` was just handed to the bus for ``domain``: it counts until :meth:`settled`.
+
+        Returns the token to settle it with (None for a key that is not 32 bytes in base64,
+        or when replays are off).
+        """
+        if self.window <= 0 or self.limit <= 0:
+            return None
+        raw = base64.b64decode(key)
+        if len(raw) != KEY_BYTES:
+            return None
+        keys = self._unacked.setdefault(domain, {})
+        keys[raw] = keys.get(raw, 0) + 1
+        return raw
+
+    def settled(self, domain: str, token: bytes) -> None:
+        """The bus is done with a key :meth:`sending` counted (acknowledged or failed)."""
+        keys = self._unacked.get(domain)
+        if keys is None or token not in keys:
+            return
+        keys[token] -= 1
+        if keys[token] <= 0:
+            del keys[token]
+            if not keys:
+                del self._unacked[domain]
+
+    @property
+    def unacknowledged(self) -> int:
+        """Keys handed to the bus and not yet acknowledged, over all domains."""
+        return sum(sum(keys.values()) for keys in self._unacked.values())
+
     def keys(self, domain: str) -> list[str]:
-        """``domain``'s keys within the window, each once, oldest first."""
+        """``domain``'s keys within the window, then those not yet acknowledged, each once, oldest first."""
         return list(distinct_keys(self.packed(domain)))
 
     def packed(self, domain: str) -> bytes:
-        """``domain``'s keys within the window, 32 bytes each, oldest first (repeats included).
+        """``domain``'s keys within the window, 32 bytes each, oldest first (repeats included),
+        then the keys handed to the bus and not yet acknowledged.
 
         One copy (about 3 MB for 100,000 keys); a replay encodes the keys one by one as it
         hands them over, so it never holds the reactor for long.
         """
         self._expire()
-        return b"".join(entry.keys for entry in self._domains.get(domain, ()))
+        acknowledged = b"".join(entry.keys for entry in self._domains.get(domain, ()))
+        return acknowledged + b"".join(self._unacked.get(domain, {}))
 
     def _expire(self) -> None:
         # A key acknowledged at t is kept while now - t < window; with whole seconds
@@ -139,10 +178,17 @@ class RecordingBus(ForwardingBus):
         if domain is not None:
             text = payload.decode("ascii") if isinstance(payload, bytes) else payload
             recent = self._recent
+            token = recent.sending(domain, text)
 
             def acknowledged(result: None) -> None:
                 recent.add(domain, text)
                 return result
 
+            def settled(result: object) -> object:
+                if token is not None:
+                    recent.settled(domain, token)
+                return result
+
+            d.addBoth(settled)
             d.addCallback(acknowledged)
         return d

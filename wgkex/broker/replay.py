@@ -10,7 +10,8 @@ instead of 1 s), so the broker closes it itself, with any periodic autosave:
 
 - :class:`~wgkex.broker.recent.RecentKeys` (in :mod:`wgkex.broker.recent`) keeps every key the MQTT server acknowledged in the last
   ``broker.replay_window`` seconds, at most ``broker.replay_limit`` of them
-  (32 bytes each, packed per domain and second: 100,000 keys take about 3 MB).
+  (32 bytes each, packed per domain and second: 100,000 keys take about 3 MB),
+  and the keys handed to the MQTT server whose PUBACK has not arrived yet.
   :class:`~wgkex.broker.recent.RecordingBus` feeds it from the key exchange's publishes.
 - :class:`Replayer` re-publishes a domain's recent keys when a worker announces
   itself *live* after a possible loss: a **non-retained** status ``1`` that is
