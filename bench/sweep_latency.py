@@ -302,6 +302,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "keys_published_during_a_sweep": len(during_sweep),
         "latency_ms_during_sweeps": spread(during_sweep),
         "latency_ms_other_keys": spread(quiet),
+        "dump_lock": (f"per {args.dump_chunk} peers of a dump (the kernel's way)"
+                      if args.dump_chunk else "whole dump (wireguard-go's way)"),
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
 
@@ -314,6 +316,9 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=0.25, help="mean seconds between two keys")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the last keys")
     parser.add_argument("--stale-fraction", type=float, default=0.01)
+    parser.add_argument("--dump-chunk", type=int, default=0, metavar="PEERS",
+                        help="the fake daemon locks its device per PEERS peers of a dump, as the kernel's "
+                             "WireGuard does per netlink message (default 0: for the whole dump, as wireguard-go)")
     parser.add_argument("--baseline", action="store_true",
                         help="no sweeps while measuring (cleanup_interval 3600 s): the same keys without a sweep")
     parser.add_argument("--keep-logs", metavar="DIR", default=None,

@@ -148,7 +148,8 @@ class Bench:
         socket_path = os.path.join(self.dir, f"{WG}.sock")
         self.daemon = subprocess.Popen(
             [sys.executable, fake_uapi.__file__, socket_path, "--seed", self.seed,
-             "--peers", str(args.peers), "--stale-fraction", str(args.stale_fraction)],
+             "--peers", str(args.peers), "--stale-fraction", str(args.stale_fraction),
+             "--dump-chunk", str(getattr(args, "dump_chunk", 0))],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "fake-uapi.log"), "wb"),
         )
         # Routes and FDB entries of the initial peers, as the worker would have installed them.

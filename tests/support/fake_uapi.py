@@ -3,7 +3,7 @@
 wireguard-go refuses more than 65,536 peers per interface, so a benchmark of
 100,000 runs this instead, as a process of its own::
 
-    python tests/support/fake_uapi.py SOCKET --seed SEED --peers N --stale-fraction F
+    python tests/support/fake_uapi.py SOCKET --seed SEED --peers N --stale-fraction F [--dump-chunk P]
 
 It answers ``get=1`` exactly as wireguard-go formats it and applies ``set=1``
 removals; every removal of stale peers is balanced by as many new peers and as
@@ -72,22 +72,49 @@ class FakeDaemon:
         self.peers[hexkey] = (endpoint, f"{self.lladdr(key)}/128", age, tx, rx)
 
     def dump(self) -> bytes:
+        """The whole reply to ``get=1``, built at once (wireguard-go holds its device meanwhile)."""
         now = time.time()
-        parts = [f"private_key={self.private_key}\nlisten_port=51820\n"]
-        zero = "0" * 64
-        for hexkey, (endpoint, allowed, age, tx, rx) in self.peers.items():
-            if age is None:
-                sec, nsec, ep = 0, 0, ""
-            else:
-                when = now - age
-                sec, nsec, ep = int(when), int((when % 1) * 1e9), f"endpoint={endpoint}\n"
-            parts.append(
-                f"public_key={hexkey}\npreshared_key={zero}\nprotocol_version=1\n{ep}"
-                f"last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\n"
-                f"tx_bytes={tx}\nrx_bytes={rx}\npersistent_keepalive_interval=0\nallowed_ip={allowed}\n"
-            )
+        parts = [self._header()]
+        parts += [self._peer_text(hexkey, peer, now) for hexkey, peer in self.peers.items()]
         parts.append("errno=0\n\n")
         return "".join(parts).encode()
+
+    def dump_in_chunks(self, lock: threading.Lock, chunk: int) -> bytes:
+        """The reply to ``get=1`` built ``chunk`` peers at a time, ``lock`` taken for each chunk only.
+
+        This is how the kernel's WireGuard answers a dump: each netlink message of the
+        dump (a few dozen to a few hundred peers) is filled with the device's lock held,
+        and a change waits for one message at most, not for the whole dump.
+        """
+        now = time.time()
+        with lock:
+            keys = list(self.peers)
+            parts = [self._header()]
+        for start in range(0, len(keys), chunk):
+            with lock:
+                for hexkey in keys[start : start + chunk]:
+                    peer = self.peers.get(hexkey)
+                    if peer is not None:  # removed since the dump began
+                        parts.append(self._peer_text(hexkey, peer, now))
+        parts.append("errno=0\n\n")
+        return "".join(parts).encode()
+
+    def _header(self) -> str:
+        return f"private_key={self.private_key}\nlisten_port=51820\n"
+
+    @staticmethod
+    def _peer_text(hexkey: str, peer: tuple[str, str, float | None, int, int], now: float) -> str:
+        endpoint, allowed, age, tx, rx = peer
+        if age is None:
+            sec, nsec, ep = 0, 0, ""
+        else:
+            when = now - age
+            sec, nsec, ep = int(when), int((when % 1) * 1e9), f"endpoint={endpoint}\n"
+        return (
+            f"public_key={hexkey}\npreshared_key={'0' * 64}\nprotocol_version=1\n{ep}"
+            f"last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\n"
+            f"tx_bytes={tx}\nrx_bytes={rx}\npersistent_keepalive_interval=0\nallowed_ip={allowed}\n"
+        )
 
     def set(self, lines: list[str]) -> bytes:
         removed = 0
@@ -113,7 +140,8 @@ class FakeDaemon:
             self._add(self.rng.uniform(0, 170))
         return b"errno=0\n\n"
 
-    def serve(self, path: str) -> None:
+    def serve(self, path: str, dump_chunk: int = 0) -> None:
+        """Answer requests on the unix socket ``path`` until killed; ``dump_chunk`` > 0: dumps lock per chunk."""
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(path)
         server.listen(16)
@@ -131,6 +159,14 @@ class FakeDaemon:
                     request, _, buffer = buffer.partition(b"\n\n")
                     lines = request.decode().split("\n")
                     arrived = time.time()
+                    if dump_chunk > 0 and lines[0] == "get=1":
+                        # Logged as held from the first chunk to the last, though a set waits one chunk at most.
+                        began = time.time()
+                        reply = self.dump_in_chunks(lock, dump_chunk)
+                        print(f"get {arrived:.4f} {began - arrived:.4f} {time.time() - began:.4f} -",
+                              file=sys.stderr, flush=True)
+                        conn.sendall(reply)
+                        continue
                     with lock:
                         began = time.time()
                         if lines[0] == "get=1":
@@ -157,8 +193,11 @@ def main() -> None:
     parser.add_argument("--seed", required=True)
     parser.add_argument("--peers", type=int, required=True)
     parser.add_argument("--stale-fraction", type=float, required=True)
+    parser.add_argument("--dump-chunk", type=int, default=0, metavar="PEERS",
+                        help="lock the device per PEERS peers of a dump, as the kernel does (default: "
+                             "for the whole dump, as wireguard-go does)")
     args = parser.parse_args()
-    FakeDaemon(args.seed, args.peers, args.stale_fraction).serve(args.socket)
+    FakeDaemon(args.seed, args.peers, args.stale_fraction).serve(args.socket, args.dump_chunk)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class Mosquitto:
             "log_type error",
             "log_type warning",
             "log_type notice",
+            "log_type subscribe",  # one line per SUBSCRIBE: who listened when, after a restart
             "connection_messages true",
             "log_timestamp_format %H:%M:%S",
         ]
