@@ -44,6 +44,9 @@ class FakeDaemon:
         self.seed = seed
         self.rng = random.Random(seed)
         self.private_key = hashlib.sha256(f"{seed} private".encode()).hexdigest()
+        #: Sets waiting for the device (chunked dumps let them go first), and its own lock.
+        self.sets_waiting = 0
+        self._waiting_lock = threading.Lock()
         # hex key -> (endpoint, allowed_ip, handshake age in seconds or None for never, tx, rx)
         self.peers: dict[str, tuple[str, str, float | None, int, int]] = {}
         self.next = 0
@@ -91,6 +94,10 @@ class FakeDaemon:
             keys = list(self.peers)
             parts = [self._header()]
         for start in range(0, len(keys), chunk):
+            # Python's lock is not fair: released and taken again at once, it would starve a
+            # waiting set as the kernel's mutex does not. Between two chunks waiting sets go first.
+            while self.sets_waiting:
+                time.sleep(0.0001)
             with lock:
                 for hexkey in keys[start : start + chunk]:
                     peer = self.peers.get(hexkey)
@@ -98,6 +105,10 @@ class FakeDaemon:
                         parts.append(self._peer_text(hexkey, peer, now))
         parts.append("errno=0\n\n")
         return "".join(parts).encode()
+
+    def _count_waiting(self, change: int) -> None:
+        with self._waiting_lock:
+            self.sets_waiting += change
 
     def _header(self) -> str:
         return f"private_key={self.private_key}\nlisten_port=51820\n"
@@ -142,6 +153,10 @@ class FakeDaemon:
 
     def serve(self, path: str, dump_chunk: int = 0) -> None:
         """Answer requests on the unix socket ``path`` until killed; ``dump_chunk`` > 0: dumps lock per chunk."""
+        if dump_chunk > 0:
+            # The dump's thread would keep the GIL for 5 ms at a time: a set would wait for
+            # that rather than for one chunk, which is this fake's cost, not the kernel's.
+            sys.setswitchinterval(0.0002)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(path)
         server.listen(16)
@@ -167,7 +182,10 @@ class FakeDaemon:
                               file=sys.stderr, flush=True)
                         conn.sendall(reply)
                         continue
+                    is_set = lines[0] == "set=1"
+                    self._count_waiting(is_set)
                     with lock:
+                        self._count_waiting(-is_set)
                         began = time.time()
                         if lines[0] == "get=1":
                             reply = self.dump()
