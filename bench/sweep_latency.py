@@ -254,8 +254,12 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         if entry is None:
             continue
         arrived, waited, held = entry
+        peer_done = arrived + waited + held
         keyed[-1].update(to_daemon_ms=round((arrived - when) * 1000, 1), daemon_wait_ms=round(waited * 1000, 1),
-                         peer_to_installed_ms=round((at - arrived - waited - held) * 1000, 1))
+                         peer_to_installed_ms=round((at - peer_done) * 1000, 1),
+                         # which of the two came late, when a key stalls after its peer
+                         peer_to_route_ms=round((installed.route[address] - peer_done) * 1000, 1),
+                         peer_to_fdb_ms=round((installed.fdb[address] - peer_done) * 1000, 1))
         to_daemon.append((arrived - when) * 1000)
         daemon_wait.append(waited * 1000)
         after_peer.append((at - arrived - waited - held) * 1000)
