@@ -28,6 +28,7 @@ from twisted.application.service import IService
 
 from wgkex.options import Options
 from wgkex.reactor import IReactor
+from wgkex.gcwatch import watch_collections
 
 __all__ = ["Options", "makeService"]
 
@@ -45,6 +46,7 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
 
     broker = build_broker(options.config, reactor)
     reactor.callWhenRunning(_freeze_start_up_objects)
+    watch_collections(reactor)
     return broker.service
 
 

@@ -21,6 +21,8 @@ it concerns the whole interpreter rather than one service:
   Python's cyclic garbage collector off meanwhile; the collector is
   process-wide, so the process has exactly one pause, made here and handed to
   the worker's tree.
+* **Slow collections are logged** (:mod:`wgkex.gcwatch`): a collection that
+  stops the process for 0.2 s or more leaves a warning with its generation.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 
 from twisted.application.service import IService
 
+from wgkex.gcwatch import watch_collections
 from wgkex.options import Options
 from wgkex.reactor import IReactor
 from wgkex.worker.pool import GcPause
@@ -51,6 +54,7 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     from wgkex.worker.service import build_worker
 
     gc_pause = tune_process()
-    return build_worker(
-        options.config, reactor if reactor is not None else installed_reactor(), gc_pause=gc_pause
-    )
+    if reactor is None:
+        reactor = installed_reactor()
+    watch_collections(reactor)
+    return build_worker(options.config, reactor, gc_pause=gc_pause)
