@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import errno
 import hashlib
 import ipaddress
@@ -233,6 +234,11 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
                 gets.append((arrived + waited, arrived + waited + held))
             elif kind == "set":
                 sets.setdefault(first, (arrived, waited, held))
+    # When the keys lane (one batch at a time: peers, then routes and FDB entries) sent the
+    # sets of the published keys; a later batch's set means this one's route and FDB were in.
+    lane_sets = sorted(entry[0] for entry in (sets.get(base64.b64decode(key).hex()[:16])
+                                              for _, _, key in published) if entry is not None)
+    stamped_late = 0  # keys whose route or FDB event the monitor read after the lane had moved on
     latencies = []
     during_sweep = []  # keys published while a sweep ran (from its dump to its last removal)
     quiet = []  # keys whose set did not arrive while a dump held the device
@@ -260,6 +266,12 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
                          # which of the two came late, when a key stalls after its peer
                          peer_to_route_ms=round((installed.route[address] - peer_done) * 1000, 1),
                          peer_to_fdb_ms=round((installed.fdb[address] - peer_done) * 1000, 1))
+        following = bisect.bisect_right(lane_sets, arrived)
+        if following < len(lane_sets) and lane_sets[following] < at - 0.05:
+            # The lane had started a later batch 50 ms or more before the monitor's stamp:
+            # this key was installed by then, and the monitor read the event late.
+            keyed[-1]["monitor_late_ms"] = round((at - lane_sets[following]) * 1000, 1)
+            stamped_late += 1
         to_daemon.append((arrived - when) * 1000)
         daemon_wait.append(waited * 1000)
         after_peer.append((at - arrived - waited - held) * 1000)
@@ -303,6 +315,9 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "parts_ms": {"to_daemon": spread(to_daemon), "daemon_wait": spread(daemon_wait),
                      "peer_to_installed": spread(after_peer)},
         "keys_arriving_during_a_dump": behind_dump,
+        # The latencies above are from the monitor's stamps; these keys' stamps came 50 ms or more
+        # after the keys lane had already moved on to a later batch (see monitor_late_ms per key).
+        "keys_stamped_late_by_the_monitor": stamped_late,
         "keys_published_during_a_sweep": len(during_sweep),
         "latency_ms_during_sweeps": spread(during_sweep),
         "latency_ms_other_keys": spread(quiet),
