@@ -274,7 +274,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             stamped_late += 1
         to_daemon.append((arrived - when) * 1000)
         daemon_wait.append(waited * 1000)
-        after_peer.append((at - arrived - waited - held) * 1000)
+        after_peer.append((at - peer_done) * 1000)
         if any(start <= arrived < end for start, end in gets):
             behind_dump += 1
         else:

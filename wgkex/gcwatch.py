@@ -76,8 +76,8 @@ class SlowCollections:
     def _report(self, seconds: float, generation: int, collected: int) -> None:
         self.log.warn(
             "Python's garbage collector stopped every thread of this process for {seconds:.2f} s "
-            "(generation {generation}, {collected} objects freed; {tracked} objects tracked now)",
-            seconds=seconds, generation=generation, collected=collected, tracked=len(gc.get_objects()),
+            "(generation {generation}, {collected} objects freed)",
+            seconds=seconds, generation=generation, collected=collected,
         )
 
 

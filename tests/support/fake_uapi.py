@@ -178,8 +178,7 @@ class FakeDaemon:
                         # Logged as held from the first chunk to the last, though a set waits one chunk at most.
                         began = time.time()
                         reply = self.dump_in_chunks(lock, dump_chunk)
-                        print(f"get {arrived:.4f} {began - arrived:.4f} {time.time() - began:.4f} -",
-                              file=sys.stderr, flush=True)
+                        _log_request(lines, arrived, began)
                         conn.sendall(reply)
                         continue
                     is_set = lines[0] == "set=1"
@@ -193,16 +192,21 @@ class FakeDaemon:
                             reply = self.set(lines[1:])
                         else:
                             reply = b"errno=-22\n\n"
-                        # Every request: when it arrived, how long it waited for the device and
-                        # held it (a set waits for a dump being built, as in wireguard-go).
-                        first = lines[1].partition("=")[2][:16] if len(lines) > 1 else ""
-                        print(f"{lines[0][:3]} {arrived:.4f} {began - arrived:.4f} {time.time() - began:.4f} "
-                              f"{first or '-'}", file=sys.stderr, flush=True)
+                        _log_request(lines, arrived, began)
                     conn.sendall(reply)
 
         while True:
             conn, _ = server.accept()
             threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def _log_request(lines: list[str], arrived: float, began: float) -> None:
+    """``get|set ARRIVED WAITED HELD FIRST`` on stderr: when a request arrived, how long it
+    waited for the device and held it (a set waits for a dump being built, as in wireguard-go),
+    and the start of the first public key it names (``-`` for none)."""
+    first = lines[1].partition("=")[2][:16] if len(lines) > 1 else ""
+    print(f"{lines[0][:3]} {arrived:.4f} {began - arrived:.4f} {time.time() - began:.4f} {first or '-'}",
+          file=sys.stderr, flush=True)
 
 
 def main() -> None:

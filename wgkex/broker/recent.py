@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from wgkex.bus import Bus, ForwardingBus
 from wgkex.contract import published_key_domain
@@ -65,28 +66,12 @@ class RecentKeys:
         self._expire()
         return self._count
 
-    def add(self, domain: str, key: str) -> None:
-        """Remember ``key`` (a valid key in base64) as acknowledged now for ``domain``."""
-        if self.window <= 0 or self.limit <= 0:
-            return
-        raw = base64.b64decode(key)
-        if len(raw) != KEY_BYTES:
-            return
-        second = int(self._clock.seconds())
-        seconds = self._domains.setdefault(domain, deque())
-        if not seconds or seconds[-1].second != second:
-            seconds.append(_Second(second))
-        seconds[-1].keys += raw
-        self._count += 1
-        self._expire()
-        while self._count > self.limit:
-            self._drop_oldest(self._count - self.limit)
-
     def sending(self, domain: str, key: str) -> bytes | None:
-        """``key`` was just handed to the bus for ``domain``: it counts until :meth:`settled`.
+        """``key`` (base64) was just handed to the bus for ``domain``: it counts as unacknowledged
+        until :meth:`settled`.
 
-        Returns the token to settle it with (None for a key that is not 32 bytes in base64,
-        or when replays are off).
+        Returns the decoded key to settle it with; None (nothing to settle) for a key that is
+        not 32 bytes in base64, or when replays are off.
         """
         if self.window <= 0 or self.limit <= 0:
             return None
@@ -97,16 +82,31 @@ class RecentKeys:
         keys[raw] = keys.get(raw, 0) + 1
         return raw
 
-    def settled(self, domain: str, token: bytes) -> None:
-        """The bus is done with a key :meth:`sending` counted (acknowledged or failed)."""
+    def settled(self, domain: str, raw: bytes, acknowledged: bool) -> None:
+        """The bus is done with a key :meth:`sending` returned ``raw`` for; an ``acknowledged``
+        one is remembered as acknowledged now."""
         keys = self._unacked.get(domain)
-        if keys is None or token not in keys:
+        if keys is not None and raw in keys:
+            keys[raw] -= 1
+            if keys[raw] <= 0:
+                del keys[raw]
+                if not keys:
+                    del self._unacked[domain]
+        if acknowledged:
+            self._remember(domain, raw)
+
+    def _remember(self, domain: str, raw: bytes) -> None:
+        if self.window <= 0 or self.limit <= 0:
             return
-        keys[token] -= 1
-        if keys[token] <= 0:
-            del keys[token]
-            if not keys:
-                del self._unacked[domain]
+        second = int(self._clock.seconds())
+        seconds = self._domains.setdefault(domain, deque())
+        if not seconds or seconds[-1].second != second:
+            seconds.append(_Second(second))
+        seconds[-1].keys += raw
+        self._count += 1
+        self._expire()
+        while self._count > self.limit:
+            self._drop_oldest(self._count - self.limit)
 
     @property
     def unacknowledged(self) -> int:
@@ -177,18 +177,13 @@ class RecordingBus(ForwardingBus):
         domain = published_key_domain(topic)
         if domain is not None:
             text = payload.decode("ascii") if isinstance(payload, bytes) else payload
-            recent = self._recent
-            token = recent.sending(domain, text)
+            raw = self._recent.sending(domain, text)
+            if raw is not None:
+                recent = self._recent
 
-            def acknowledged(result: None) -> None:
-                recent.add(domain, text)
-                return result
+                def settled(result: object) -> object:
+                    recent.settled(domain, raw, acknowledged=not isinstance(result, Failure))
+                    return result
 
-            def settled(result: object) -> object:
-                if token is not None:
-                    recent.settled(domain, token)
-                return result
-
-            d.addBoth(settled)
-            d.addCallback(acknowledged)
+                d.addBoth(settled)
         return d
