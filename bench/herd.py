@@ -20,6 +20,9 @@ object per server: requests/s over the HTTP phase, latency percentiles,
 statuses, the spread by gateway, and ``seconds_until_all_peers`` from the
 first request until the last key became a peer; then the kernel is counted
 (peer, /128 route and FDB entry) to cross-check. Everything it made is removed.
+Virtual machines of one kind differ in speed from day to day, so each run also
+gives ``speed_probe_seconds`` (a fixed Python loop, about 0.26 s on a quick day)
+and the CPU seconds the hypervisor took away during the run.
 """
 
 from __future__ import annotations
@@ -128,12 +131,34 @@ def cpu_by_program() -> dict[str, float]:
     return used
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this virtual machine wanted it (all cores, ``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
+def speed_probe() -> float:
+    """Seconds of CPU a fixed pure-Python loop takes: how fast this machine is right now.
+
+    Virtual machines of the same kind differ (and one machine varies with its host's load)
+    by half again or more; this figure lets runs on different days be compared.
+    """
+    began = time.process_time()
+    total = 0
+    for i in range(5_000_000):
+        total += i
+    return time.process_time() - began
+
+
 def run_herd(name: str, ports: list[int], gateways: dict[str, Gateway], args: argparse.Namespace) -> dict[str, Any]:
     """The herd against brokers on ``ports``; waits for the gateways; returns the figures."""
     keys = herd_keys(args.routers, f"{name} {time.time()}")
     by_key = {gw.public_key: n for n, gw in gateways.items()}
     load_before = os.getloadavg()
+    probe = speed_probe()
     cpu_before = cpu_by_program()
+    steal_before = steal_seconds()
     first = time.monotonic()
     answers, latencies = herd(ports, keys, args.concurrency)
     http_seconds = time.monotonic() - first
@@ -151,6 +176,7 @@ def run_herd(name: str, ports: list[int], gateways: dict[str, Gateway], args: ar
             time.sleep(0.25)
     all_peers = time.monotonic() - first if not any(pending.values()) else None
     cpu_after = cpu_by_program()
+    stolen = steal_seconds() - steal_before
     cpu = {n: round(cpu_after[n] - cpu_before.get(n, 0.0), 2) for n in sorted(cpu_after)
            if cpu_after[n] - cpu_before.get(n, 0.0) >= 0.05}
     installed = {n: len(want[n] & installed_keys(gateways[n])) for n in gateways}
@@ -171,6 +197,8 @@ def run_herd(name: str, ports: list[int], gateways: dict[str, Gateway], args: ar
         "cpu_seconds_by_program": cpu,
         "cpu_seconds_total": round(sum(cpu.values()), 2),
         "load_average_before": [round(x, 2) for x in load_before],
+        "speed_probe_seconds": round(probe, 3),
+        "cpu_seconds_stolen_by_the_host": round(stolen, 2),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus {platform.release()}",
     }
