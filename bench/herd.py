@@ -21,7 +21,7 @@ statuses, the spread by gateway, and ``seconds_until_all_peers`` from the
 first request until the last key became a peer; then the kernel is counted
 (peer, /128 route and FDB entry) to cross-check. Everything it made is removed.
 Virtual machines of one kind differ in speed from day to day, so each run also
-gives ``speed_probe_seconds`` (a fixed Python loop, about 0.26 s on a quick day)
+gives ``speed_probe_seconds`` (a fixed Python loop: 0.08-0.13 s on a quick day here)
 and the CPU seconds the hypervisor took away during the run.
 """
 
