@@ -4,8 +4,12 @@
 
 # Debian's own Python where there is one: it is what a gateway runs wgkex with, and it is
 # built with PGO and LTO; a Python built from source without them (pyenv's default, first on
-# PATH on some machines) made the whole herd benchmark about 15 % slower here.
-PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
+# PATH on some machines) made the whole herd benchmark about 15 % slower here. wgkex needs
+# 3.11 or newer: an older system Python (Debian 11 has 3.9) leaves python3 from PATH.
+ifndef PYTHON
+PYTHON := $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+            && echo /usr/bin/python3 || echo python3)
+endif
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := mosquitto wireguard-go wireguard-tools iproute2 iputils-ping procps
