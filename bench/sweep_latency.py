@@ -22,7 +22,11 @@ keys published while a sweep ran, from the sweeps the worker's
 for what share of the time a sweep was running; where a key's time went (to
 the daemon, waiting there for the device, from its peer to its route and FDB
 entry, from the fake daemon's request log) and how many keys arrived while a
-dump held the device.
+dump held the device. ``machine_pauses`` lists the moments a probe process
+(this file with ``--pause-probe``, a 10 ms sleep in a loop) woke 100 ms or more
+late, and ``daemon_gc_pauses`` the fake daemon's garbage collections of 50 ms or
+more: a key that waited at such a moment waited for the machine or the fake,
+not for the worker.
 
 The worker paces whole dumps, the sweep's and the peer count's alike
 (``wgkex.worker.dumps.MAX_DUMP_SHARE``): at 100,000 peers one every one to three
@@ -113,6 +117,21 @@ def _attr(data: bytes, start: int, end: int, wanted: int) -> bytes | None:
     return None
 
 
+def pause_probe(late: float = 0.1) -> None:
+    """Print ``STARTED SECONDS`` whenever a 10 ms sleep ends ``late`` seconds or more late.
+
+    A process of its own with next to no heap: when it pauses at the same moment as the
+    worker's keys lane, the machine paused, not wgkex.
+    """
+    print("ready", flush=True)
+    while True:
+        before = time.time()
+        time.sleep(0.01)
+        overslept = time.time() - before - 0.01
+        if overslept >= late:
+            print(f"{before:.4f} {overslept:.4f}", flush=True)
+
+
 class Sweeps(threading.Thread):
     """Polls the worker's /api/v1/status: (start, seconds) of every sweep that finished meanwhile."""
 
@@ -191,6 +210,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         stdout=subprocess.PIPE, text=True,
     )
     installed = Installed(proc)
+    probe = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--pause-probe"],
+                             stdout=subprocess.PIPE, text=True)
     watcher = Sweeps(bench.ns.name, STATUS_PORT)
     watcher.start()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sweep-latency-{bench.id}")
@@ -220,13 +241,20 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         client.disconnect()
         proc.terminate()
         proc.wait(10)
+        probe.terminate()
+        probe_lines, _ = probe.communicate(timeout=10)
         windows = watcher.stop()
     # The fake daemon's request log: "get|set ARRIVED WAITED HELD FIRST" (see worker_reactor.FakeDaemon).
     gets: list[tuple[float, float]] = []  # (start, end) of every dump with the device held
+    daemon_gc: list[list[float]] = []  # [start, ms] of the fake daemon's collections of 50 ms or more
+    machine_pauses = [[round(float(a), 2), round(float(b) * 1000, 1)]
+                      for a, b in (line.split() for line in probe_lines.splitlines() if line != "ready")]
     sets: dict[str, tuple[float, float, float]] = {}  # first key's hex prefix -> (arrived, waited, held)
     with open(os.path.join(bench.dir, "fake-uapi.log")) as log:
         for line in log:
             parts = line.split()
+            if len(parts) == 3 and parts[0] == "gc":
+                daemon_gc.append([round(float(parts[1]), 2), round(float(parts[2]) * 1000, 1)])
             if len(parts) != 5:
                 continue
             kind, arrived, waited, held, first = parts[0], float(parts[1]), float(parts[2]), float(parts[3]), parts[4]
@@ -323,6 +351,10 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms_other_keys": spread(quiet),
         "dump_lock": (f"per {args.dump_chunk} peers of a dump (the kernel's way)"
                       if args.dump_chunk else "whole dump (wireguard-go's way)"),
+        # Moments something outside the worker stood still: a probe process's 10 ms sleeps that
+        # ended 100 ms or more late (the machine), the fake daemon's long collections.
+        "machine_pauses": machine_pauses,
+        "daemon_gc_pauses": daemon_gc,
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
 
@@ -343,9 +375,13 @@ def main() -> None:
     parser.add_argument("--keep-logs", metavar="DIR", default=None,
                         help="copy the worker's log and the fake daemon's request log into DIR")
     parser.add_argument("--monitor", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pause-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.monitor:
         monitor()
+        return
+    if args.pause_probe:
+        pause_probe()
         return
     if os.geteuid() != 0:
         sys.exit("bench/sweep_latency.py needs root (network namespaces)")

@@ -11,13 +11,15 @@ many peers turning stale (see :meth:`FakeDaemon.set`). The peers' keys are
 :func:`peer_key` ``(seed, n)``, so the benchmark knows them without asking. Each
 request logs ``get|set ARRIVED WAITED HELD FIRST`` to stderr: unix time it
 arrived, seconds it waited for the device and held it, the start of the first
-public key it names (``-`` for none).
+public key it names (``-`` for none); a garbage collection of 50 ms or more logs
+``gc STARTED SECONDS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import hashlib
 import itertools
 import random
@@ -200,6 +202,21 @@ class FakeDaemon:
             threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
+def _log_slow_collections(threshold: float = 0.05) -> None:
+    """Log ``gc STARTED SECONDS`` on stderr for every garbage collection of ``threshold`` seconds
+    or more: with 100,000 peers this process's heap is large, and a long collection would look
+    like a late request."""
+    began = [0.0]
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.time()
+        elif time.time() - began[0] >= threshold:
+            print(f"gc {began[0]:.4f} {time.time() - began[0]:.4f}", file=sys.stderr, flush=True)
+
+    gc.callbacks.append(watch)
+
+
 def _log_request(lines: list[str], arrived: float, began: float) -> None:
     """``get|set ARRIVED WAITED HELD FIRST`` on stderr: when a request arrived, how long it
     waited for the device and held it (a set waits for a dump being built, as in wireguard-go),
@@ -219,6 +236,7 @@ def main() -> None:
                         help="lock the device per PEERS peers of a dump, as the kernel does (default: "
                              "for the whole dump, as wireguard-go does)")
     args = parser.parse_args()
+    _log_slow_collections()
     FakeDaemon(args.seed, args.peers, args.stale_fraction).serve(args.socket, args.dump_chunk)
 
 
