@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import gc
 import hashlib
 import itertools
 import random
@@ -27,6 +26,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+
+from wgkex.gcwatch import SlowCollections
 
 HOUR = 3600.0
 
@@ -202,19 +204,22 @@ class FakeDaemon:
             threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
-def _log_slow_collections(threshold: float = 0.05) -> None:
-    """Log ``gc STARTED SECONDS`` on stderr for every garbage collection of ``threshold`` seconds
-    or more: with 100,000 peers this process's heap is large, and a long collection would look
-    like a late request."""
-    began = [0.0]
+class _AtOnce:
+    """Stands in for the reactor thread :class:`~wgkex.gcwatch.SlowCollections` hands its
+    reports to: this process has no reactor, so a report runs at once."""
 
-    def watch(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            began[0] = time.time()
-        elif time.time() - began[0] >= threshold:
-            print(f"gc {began[0]:.4f} {time.time() - began[0]:.4f}", file=sys.stderr, flush=True)
+    @staticmethod
+    def callFromThread(report: Callable[..., object], *args: object) -> None:
+        report(*args)
 
-    gc.callbacks.append(watch)
+
+class _SlowCollectionLines(SlowCollections):
+    """wgkex's own timer of garbage collections, reporting each of ``threshold`` seconds or
+    more as ``gc STARTED SECONDS`` on stderr: with 100,000 peers this process's heap is
+    large, and a long collection would look like a late request."""
+
+    def _report(self, seconds: float, generation: int, collected: int) -> None:
+        print(f"gc {time.time() - seconds:.4f} {seconds:.4f}", file=sys.stderr, flush=True)
 
 
 def _log_request(lines: list[str], arrived: float, began: float) -> None:
@@ -236,7 +241,7 @@ def main() -> None:
                         help="lock the device per PEERS peers of a dump, as the kernel does (default: "
                              "for the whole dump, as wireguard-go does)")
     args = parser.parse_args()
-    _log_slow_collections()
+    _SlowCollectionLines(_AtOnce(), threshold=0.05).install()  # type: ignore[arg-type]
     FakeDaemon(args.seed, args.peers, args.stale_fraction).serve(args.socket, args.dump_chunk)
 
 
